@@ -1,0 +1,19 @@
+"""`sdr-export`: onnx (fp32 / fp16 / int8) and trt (TensorRT engines)."""
+
+from __future__ import annotations
+
+from client.cli_common import run_cli
+
+COMMANDS = {
+    "onnx": "export.onnx_cmd",
+    "trt": "export.trt_cmd",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("sdr-export", "Export sub-net bundles for devices: ONNX and TensorRT.",
+                   COMMANDS, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Artifacts: atomic writes, safetensors weights, Ed25519 signing, bundles, run directories."""

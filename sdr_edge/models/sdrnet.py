@@ -1,0 +1,182 @@
+"""SDRnet: one backbone whose routed stages hold several expert copies.
+
+A route is a code `(b_1, ..., b_R)`; level r is served by stage `level_stages[r]`, which holds
+`branching[r]` experts. A mixed batch is partitioned per expert at each routed stage, so the
+cost per image is one sub-net's whatever K is. Levels are activated one by one
+(progressive training): before level r is active every image takes expert 0 there.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from sdr_edge.models.resnet import Backbone, BackboneConfig, init_weights, make_stage, make_stem
+
+
+def default_level_stages(num_stages: int, levels: int) -> tuple[int, ...]:
+    """The deepest stage serves the coarsest level, then one stage shallower per level."""
+    if levels > num_stages:
+        raise ValueError(f"{levels} routing levels need at least {levels} stages, have {num_stages}")
+    return tuple(num_stages - 1 - r for r in range(levels))
+
+
+class RoutedStage(nn.Module):
+    """B expert copies of one stage; each keeps its own BatchNorm statistics."""
+
+    def __init__(self, experts: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+
+    def forward(self, x: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
+        first = int(digits[0])
+        if bool((digits == first).all()):
+            return self.experts[first](x)
+        out: torch.Tensor | None = None
+        for b, expert in enumerate(self.experts):
+            idx = (digits == b).nonzero(as_tuple=True)[0]
+            if idx.numel() == 0:
+                continue
+            y = expert(x.index_select(0, idx))
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out.index_copy_(0, idx, y)
+        assert out is not None
+        return out
+
+
+class SDRnet(nn.Module):
+    """A backbone with routed stages; `forward(x, codes)` with codes of shape [N, R]."""
+
+    def __init__(self, cfg: BackboneConfig, branching: Sequence[int],
+                 level_stages: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.branching = tuple(int(b) for b in branching)
+        self.level_stages = tuple(level_stages) if level_stages is not None else \
+            default_level_stages(cfg.num_stages, len(self.branching))
+        if len(self.level_stages) != len(self.branching):
+            raise ValueError("level_stages and branching must have one entry per level")
+        if len(set(self.level_stages)) != len(self.level_stages):
+            raise ValueError("each routed stage can serve one level only")
+        if any(not 0 <= s < cfg.num_stages for s in self.level_stages):
+            raise ValueError(f"level_stages {self.level_stages} out of range")
+        self.stage_level = {s: r for r, s in enumerate(self.level_stages)}
+        self.stem = make_stem(cfg)
+        stages: list[nn.Module] = []
+        for s in range(cfg.num_stages):
+            if s in self.stage_level:
+                b = self.branching[self.stage_level[s]]
+                base = make_stage(cfg, s)
+                stages.append(RoutedStage([copy.deepcopy(base) for _ in range(b)]))
+            else:
+                stages.append(make_stage(cfg, s))
+        self.stages = nn.ModuleList(stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.register_buffer("active_levels", torch.zeros((), dtype=torch.long))
+        init_weights(self)
+
+    @property
+    def levels(self) -> int:
+        return len(self.branching)
+
+    @property
+    def num_subnets(self) -> int:
+        k = 1
+        for b in self.branching:
+            k *= b
+        return k
+
+    @property
+    def feature_dim(self) -> int:
+        return self.cfg.feature_dim
+
+    def arch_dict(self) -> dict:
+        return {"backbone": self.cfg.to_dict(), "branching": list(self.branching),
+                "level_stages": list(self.level_stages)}
+
+    @classmethod
+    def from_arch_dict(cls, d: dict) -> SDRnet:
+        return cls(BackboneConfig.from_dict(d["backbone"]), d["branching"], d["level_stages"])
+
+    @classmethod
+    def from_backbone(cls, backbone: Backbone, branching: Sequence[int],
+                      level_stages: Sequence[int] | None = None) -> SDRnet:
+        """An SDRnet whose every expert starts as a copy of `backbone`'s stage."""
+        net = cls(backbone.cfg, branching, level_stages)
+        net.stem.load_state_dict(backbone.stem.state_dict())
+        for s, stage in enumerate(net.stages):
+            src = backbone.stages[s].state_dict()
+            if isinstance(stage, RoutedStage):
+                for expert in stage.experts:
+                    expert.load_state_dict(src)
+            else:
+                stage.load_state_dict(src)
+        return net
+
+    def split_level(self, level: int) -> None:
+        """Activate `level`: its experts start from expert 0's (the trained shared) weights."""
+        if level != int(self.active_levels):
+            raise ValueError(f"levels activate in order: next is {int(self.active_levels)}, got {level}")
+        stage = self.stages[self.level_stages[level]]
+        src = stage.experts[0].state_dict()
+        for expert in stage.experts[1:]:
+            expert.load_state_dict(src)
+        self.active_levels.fill_(level + 1)
+
+    def effective_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes with digits of not-yet-active levels set to 0."""
+        codes = codes.to(torch.long)
+        active = int(self.active_levels)
+        if active >= self.levels:
+            return codes
+        codes = codes.clone()
+        codes[:, active:] = 0
+        return codes
+
+    def check_codes(self, codes: torch.Tensor, n: int) -> None:
+        if codes.shape != (n, self.levels):
+            raise ValueError(f"codes must have shape [{n}, {self.levels}], got {tuple(codes.shape)}")
+        limits = torch.tensor(self.branching, device=codes.device)
+        if bool(((codes < 0) | (codes >= limits)).any()):
+            raise ValueError(f"code digits out of range for branching {self.branching}")
+
+    def forward(self, x: torch.Tensor, codes: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        if not isinstance(codes, torch.Tensor):
+            codes = torch.tensor([list(codes)] * x.shape[0], device=x.device)
+        elif codes.ndim == 1:
+            codes = codes[None, :].expand(x.shape[0], -1)
+        self.check_codes(codes, x.shape[0])
+        codes = self.effective_codes(codes)
+        x = self.stem(x)
+        for s, stage in enumerate(self.stages):
+            if isinstance(stage, RoutedStage):
+                x = stage(x, codes[:, self.stage_level[s]])
+            else:
+                x = stage(x)
+        return torch.flatten(self.pool(x), 1)
+
+    def extract(self, route: Sequence[int]) -> Backbone:
+        """The plain backbone holding route's experts (inactive levels take expert 0)."""
+        route = [int(v) for v in route]
+        codes = self.effective_codes(torch.tensor([route]))
+        self.check_codes(codes, 1)
+        net = Backbone(self.cfg)
+        net.stem.load_state_dict(self.stem.state_dict())
+        for s, stage in enumerate(self.stages):
+            if isinstance(stage, RoutedStage):
+                chosen = stage.experts[int(codes[0, self.stage_level[s]])]
+                net.stages[s].load_state_dict(chosen.state_dict())
+            else:
+                net.stages[s].load_state_dict(stage.state_dict())
+        return net.train(self.training)
+
+    def all_routes(self) -> list[tuple[int, ...]]:
+        """Every route, in lexicographic order (K of them)."""
+        routes: list[tuple[int, ...]] = [()]
+        for b in self.branching:
+            routes = [r + (d,) for r in routes for d in range(b)]
+        return routes

@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from sdr_edge.models import Backbone, BackboneConfig, SDRnet
+from sdr_edge.models.sdrnet import RoutedStage
+
+
+def _trained_like(net: SDRnet) -> SDRnet:
+    for r in range(net.levels):
+        net.split_level(r)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1, generator=g)
+                m.running_var.uniform_(0.8, 1.2, generator=g)
+    return net.eval()
+
+
+def test_extract_matches_routed_forward():
+    net = _trained_like(SDRnet(BackboneConfig.preset("small", in_channels=1), (4, 4, 4, 4)))
+    x = torch.randn(6, 1, 16, 16)
+    for route in [(0, 0, 0, 0), (3, 1, 2, 0), (1, 3, 3, 2)]:
+        sub = net.extract(route).eval()
+        assert isinstance(sub, Backbone)
+        assert torch.allclose(sub(x), net(x, route), atol=1e-6)
+
+
+def test_mixed_batch_equals_per_image_subnets():
+    net = _trained_like(SDRnet(BackboneConfig.preset("small", in_channels=1), (4, 4, 4, 4)))
+    x = torch.randn(10, 1, 16, 16)
+    codes = torch.randint(0, 4, (10, 4), generator=torch.Generator().manual_seed(1))
+    mixed = net(x, codes)
+    single = torch.cat([net.extract(c.tolist()).eval()(x[i : i + 1]) for i, c in enumerate(codes)])
+    assert torch.allclose(mixed, single, atol=1e-5)
+
+
+def test_every_image_passes_through_exactly_its_experts():
+    net = _trained_like(SDRnet(BackboneConfig.preset("small", in_channels=1), (4, 4, 4, 4)))
+    seen: dict[tuple[int, int], int] = {}
+    for s, stage in enumerate(net.stages):
+        if isinstance(stage, RoutedStage):
+            for b, expert in enumerate(stage.experts):
+                expert.register_forward_hook(
+                    lambda m, i, o, key=(s, b): seen.__setitem__(key, seen.get(key, 0) + i[0].shape[0])
+                )
+    x = torch.randn(32, 1, 16, 16)
+    codes = torch.randint(0, 4, (32, 4), generator=torch.Generator().manual_seed(2))
+    net(x, codes)
+    for r, s in enumerate(net.level_stages):
+        for b in range(4):
+            assert seen.get((s, b), 0) == int((codes[:, r] == b).sum())
+
+
+def test_inactive_levels_route_to_expert_zero_and_split_copies_weights():
+    net = SDRnet(BackboneConfig.preset("small", in_channels=1), (2, 3))
+    x = torch.randn(4, 1, 16, 16)
+    net.eval()
+    assert torch.allclose(net(x, (1, 2)), net(x, (0, 0)))
+    stage = net.stages[net.level_stages[0]]
+    with torch.no_grad():
+        next(stage.experts[0].parameters()).add_(1.0)
+    net.split_level(0)
+    for expert in stage.experts[1:]:
+        for a, b in zip(expert.parameters(), stage.experts[0].parameters(), strict=True):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="levels activate in order"):
+        net.split_level(2)
+
+
+def test_bad_codes_are_refused():
+    net = SDRnet(BackboneConfig.preset("small", in_channels=1), (4, 4))
+    with pytest.raises(ValueError, match="out of range"):
+        net(torch.randn(2, 1, 16, 16), torch.tensor([[0, 4], [0, 0]]))
+    with pytest.raises(ValueError, match="shape"):
+        net(torch.randn(2, 1, 16, 16), torch.tensor([[0, 1, 2]]))
+
+
+def test_presets_build_and_run():
+    for name, size in [("resnet18", 64), ("resnet50", 64)]:
+        net = Backbone(BackboneConfig.preset(name, in_channels=3)).eval()
+        assert net(torch.randn(1, 3, size, size)).shape == (1, net.feature_dim)
