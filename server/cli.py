@@ -1,4 +1,4 @@
-"""`sdr-server`: train, serve, keygen, route-eval, bench. Each sub-command lives in its own module."""
+"""`sdr-server`: train, serve, keygen, token, route-eval, bench. Each sub-command lives in its own module."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from client.cli_common import run_cli
 COMMANDS = {
     "train": "server.train_cmd",
     "keygen": "server.keygen_cmd",
+    "token": "server.token_cmd",
     "serve": "server.serve_cmd",
     "route-eval": "server.route_eval_cmd",
     "bench": "server.bench_cmd",

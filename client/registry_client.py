@@ -1,0 +1,172 @@
+"""HTTP client of the registry: kit, routing and verified bundle download (httpx).
+
+Used by `sdr-client fetch`, the client agent and the Flower server. Downloads are read into
+memory with a size cap, unpacked only as plain files, verified (Ed25519 signature, every
+sha256, nothing unlisted) and only then written to a staging folder renamed into place: a
+refused download leaves nothing in the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from sdr_edge.artifacts.signing import load_public_key
+from sdr_edge.artifacts.transfer import (
+    MAX_ARCHIVE_BYTES,
+    TransferError,
+    unpack_files,
+    verify_bundle_archive,
+    verify_kit_archive,
+    write_files_atomically,
+)
+
+DEFAULT_TIMEOUT = 60.0
+
+
+class RegistryError(RuntimeError):
+    """The registry could not be reached or answered with an error status."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _verify_option(cacert: str | Path | None) -> ssl.SSLContext | bool:
+    if cacert is None:
+        return True
+    if not Path(cacert).is_file():
+        raise FileNotFoundError(f"CA certificate not found: {cacert}")
+    return ssl.create_default_context(cafile=str(cacert))
+
+
+def make_client(url: str, token: str, cacert: str | Path | None = None,
+                timeout: float = DEFAULT_TIMEOUT) -> httpx.Client:
+    """An httpx client with the bearer token, the base URL and (optionally) a private CA."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"registry URL must start with http:// or https://, got {url!r}")
+    return httpx.Client(base_url=url.rstrip("/"), timeout=timeout, verify=_verify_option(cacert),
+                        headers={"Authorization": f"Bearer {token}"})
+
+
+def _pubkey(pubkey: Ed25519PublicKey | str | Path) -> Ed25519PublicKey:
+    return pubkey if isinstance(pubkey, Ed25519PublicKey) else load_public_key(pubkey)
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except (ValueError, UnicodeDecodeError):
+        return response.text[:200]
+    return str(body.get("detail", body)) if isinstance(body, dict) else str(body)[:200]
+
+
+def _raise_for(response: httpx.Response, what: str) -> None:
+    if response.status_code >= 400:
+        raise RegistryError(f"{what}: HTTP {response.status_code}: {_detail(response)}",
+                            response.status_code)
+
+
+def _download(client: httpx.Client, path: str, what: str, max_bytes: int) -> bytes:
+    try:
+        with client.stream("GET", path) as response:
+            if response.status_code >= 400:
+                response.read()
+                _raise_for(response, what)
+            declared = response.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise RegistryError(f"{what}: {declared} bytes exceeds the limit of {max_bytes}")
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise RegistryError(f"{what}: download exceeds the limit of {max_bytes} bytes")
+                chunks.append(chunk)
+    except httpx.HTTPError as exc:
+        raise RegistryError(f"{what}: cannot reach {client.base_url}: {exc}") from exc
+    return b"".join(chunks)
+
+
+def _signature_obj(signature: Any) -> dict:
+    if hasattr(signature, "to_dict"):
+        return signature.to_dict()
+    if isinstance(signature, str | bytes):
+        return json.loads(signature)
+    if isinstance(signature, dict):
+        return signature
+    raise TypeError(f"expected a Signature, dict or JSON text, got {type(signature).__name__}")
+
+
+def post_route(url: str, token: str, signature: Any, cacert: str | Path | None = None) -> dict:
+    """POST /v1/route: {'route': [...], 'bundle_id': '1-2-3-0', 'scores': [...]}."""
+    with make_client(url, token, cacert) as client:
+        return _post_route(client, _signature_obj(signature))
+
+
+def _post_route(client: httpx.Client, obj: dict) -> dict:
+    try:
+        response = client.post("/v1/route", json=obj)
+    except httpx.HTTPError as exc:
+        raise RegistryError(f"POST /v1/route: cannot reach {client.base_url}: {exc}") from exc
+    _raise_for(response, "POST /v1/route")
+    return response.json()
+
+
+def _bundle_id(route_or_signature: Any, client: httpx.Client) -> tuple[str, tuple[int, ...]]:
+    if isinstance(route_or_signature, str) and not route_or_signature.lstrip().startswith("{"):
+        text = route_or_signature
+        try:
+            route = tuple(int(d) for d in text.split("-"))
+        except ValueError as exc:
+            raise ValueError(f"route id {text!r} is not digits joined by '-'") from exc
+        return text, route
+    if isinstance(route_or_signature, Sequence) and not isinstance(route_or_signature, str | bytes):
+        route = tuple(int(d) for d in route_or_signature)
+        return "-".join(str(d) for d in route), route
+    answer = _post_route(client, _signature_obj(route_or_signature))
+    return answer["bundle_id"], tuple(int(d) for d in answer["route"])
+
+
+def fetch_bundle(url: str, token: str, route_or_signature: Any,
+                 pubkey: Ed25519PublicKey | str | Path, out_dir: str | Path,
+                 cacert: str | Path | None = None, max_bytes: int = MAX_ARCHIVE_BYTES) -> Path:
+    """Route (tuple, '1-2-3-0') or signature -> verified bundle folder at out_dir."""
+    key = _pubkey(pubkey)
+    with make_client(url, token, cacert) as client:
+        bundle_id, route = _bundle_id(route_or_signature, client)
+        data = _download(client, f"/v1/subnets/{bundle_id}", f"GET /v1/subnets/{bundle_id}",
+                         max_bytes)
+    files = unpack_files(data)
+    manifest = verify_bundle_archive(files, key)
+    if tuple(manifest.get("route", ())) != route:
+        raise TransferError(f"bundle refused: it is for route {manifest.get('route')}, "
+                            f"requested {list(route)}")
+    return write_files_atomically(files, out_dir)
+
+
+def get_kit(url: str, token: str, pubkey: Ed25519PublicKey | str | Path, out_dir: str | Path,
+            cacert: str | Path | None = None, max_bytes: int = MAX_ARCHIVE_BYTES) -> Path:
+    """GET /v1/kit -> verified signature-kit folder at out_dir."""
+    key = _pubkey(pubkey)
+    with make_client(url, token, cacert) as client:
+        data = _download(client, "/v1/kit", "GET /v1/kit", max_bytes)
+    files = unpack_files(data)
+    verify_kit_archive(files, key)
+    return write_files_atomically(files, out_dir)
+
+
+def get_info(url: str, token: str, cacert: str | Path | None = None) -> dict:
+    """GET /v1/info: branching, input spec, SDRnet and public-key hashes."""
+    with make_client(url, token, cacert) as client:
+        try:
+            response = client.get("/v1/info")
+        except httpx.HTTPError as exc:
+            raise RegistryError(f"GET /v1/info: cannot reach {url}: {exc}") from exc
+        _raise_for(response, "GET /v1/info")
+        return response.json()

@@ -1,0 +1,218 @@
+"""The registry's ASGI app: kit, routing, signed sub-net bundles, health, OpenAPI schema.
+
+Everything expensive happens once in `create_app`: the SDRnet is loaded, the token hashes and
+the signing key are read, the kit archive is signed. Requests then only validate, score and
+serve files. Route ids become integers validated against the branching before any path is
+built; a sub-net is extracted and signed on its first request and served from disk after.
+(No `from __future__ import annotations` here: FastAPI must see the endpoints' annotations,
+which refer to names local to `create_app`.)
+"""
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from sdr_edge.artifacts.atomic import sha256_bytes, sha256_file
+from sdr_edge.artifacts.run_dir import SDRNET, load_sdrnet
+from sdr_edge.artifacts.signing import load_private_key
+from sdr_edge.artifacts.transfer import TAR_MEDIA_TYPE
+from sdr_edge.routing.signature import (
+    SIGNATURE_FORMAT,
+    SIGNATURE_VERSION,
+    SignatureValidationError,
+    route_signature,
+    score_routes,
+    validate_signature,
+)
+from server.registry.auth import TokenStore
+from server.registry.cache import BundleCache
+from server.registry.kit import build_kit_archive
+from server.registry.limits import BodyLimitMiddleware
+from server.registry.route_ids import RouteIdError, format_route_id, parse_route_id
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024
+TOP_SCORES = 5
+ENV_PREFIX = "SDR_REGISTRY_"
+
+
+class ScoredRoute(BaseModel):
+    route: list[int]
+    bundle_id: str
+    score: float
+
+
+class RouteOut(BaseModel):
+    route: list[int]
+    bundle_id: str
+    scores: list[ScoredRoute]
+
+
+class ErrorOut(BaseModel):
+    detail: str
+    field: str | None = None
+
+
+class InfoOut(BaseModel):
+    branching: list[int]
+    num_subnets: int
+    input_spec: dict
+    sdrnet_sha256: str
+    public_key_sha256: str
+    kit: bool
+
+
+def default_cache_dir(sdrnet_sha256: str) -> Path:
+    """Outside the run dir (which stays as training wrote it), keyed by the SDRnet's hash."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "sdr-edge" / "registry" / sdrnet_sha256[:16]
+
+
+def signature_schema(branching: list[int]) -> dict:
+    """JSON schema of a signature for this SDRnet (documentation; the validator is stricter)."""
+    levels = len(branching)
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["levels", "count"],
+        "properties": {
+            "format": {"type": "string", "enum": [SIGNATURE_FORMAT]},
+            "version": {"type": "integer", "enum": [SIGNATURE_VERSION]},
+            "branching": {"type": "array", "items": {"type": "integer"},
+                          "minItems": levels, "maxItems": levels, "example": branching},
+            "levels": {
+                "type": "array", "minItems": levels, "maxItems": levels,
+                "description": "per level, the mean probability of each code digit (sums to 1)",
+                "items": {"type": "array", "items": {"type": "number", "minimum": 0,
+                                                     "maximum": 1}},
+            },
+            "count": {"type": "integer", "minimum": 1},
+            "dp_epsilon": {"anyOf": [{"type": "number", "exclusiveMinimum": 0},
+                                     {"type": "null"}]},
+        },
+    }
+
+
+def _error(status: int, detail: str, field: str | None = None) -> JSONResponse:
+    body: dict = {"detail": detail}
+    if field is not None:
+        body["field"] = field
+    return JSONResponse(body, status_code=status)
+
+
+def create_app(run_dir: str | Path, tokens_file: str | Path, key_path: str | Path,
+               cache_dir: str | Path | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """Load the run's SDRnet, tokens and signing key once; return the registry app."""
+    run_dir = Path(run_dir)
+    tokens = TokenStore.load(tokens_file)
+    if len(tokens) == 0:
+        log.warning("%s holds no tokens: every authenticated request will get 401", tokens_file)
+    key = load_private_key(key_path)
+    net, spec = load_sdrnet(run_dir)
+    branching = list(net.branching)
+    sdrnet_sha = sha256_file(run_dir / SDRNET)
+    pub_raw = key.public_key().public_bytes_raw()
+    provenance = {"run": run_dir.resolve().name, "sdrnet_sha256": sdrnet_sha,
+                  "server": "sdr-server serve"}
+    cache = BundleCache(net, spec, key, cache_dir or default_cache_dir(sdrnet_sha), provenance)
+    kit = build_kit_archive(run_dir, key, provenance)
+    info = InfoOut(branching=branching, num_subnets=net.num_subnets, input_spec=spec.to_dict(),
+                   sdrnet_sha256=sdrnet_sha, public_key_sha256=sha256_bytes(pub_raw),
+                   kit=kit is not None).model_dump()
+
+    app = FastAPI(title="sdr-edge registry", version="1",
+                  description="Signature kit, task routing and signed SDR sub-net bundles.")
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
+    app.state.cache = cache
+    bearer = HTTPBearer(auto_error=False, description="a token from `sdr-server token`")
+    unauthorized = {"description": "missing or wrong bearer token", "model": ErrorOut}
+
+    def client_name(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+        name = tokens.check(cred.credentials) if cred is not None else None
+        if name is None:
+            raise HTTPException(401, "missing or invalid bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return name
+
+    Client = Annotated[str, Depends(client_name)]
+
+    @app.get("/healthz", summary="liveness (no authentication)")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/info", response_model=InfoOut, responses={401: unauthorized})
+    async def get_info(_: Client) -> JSONResponse:
+        """Branching, input spec and hashes a client can check before routing."""
+        return JSONResponse(info)
+
+    @app.get("/v1/kit", response_class=Response, responses={
+        200: {"content": {TAR_MEDIA_TYPE: {}}, "description": "signed kit archive (tar)"},
+        401: unauthorized, 404: {"description": "run has no kit", "model": ErrorOut}})
+    async def get_kit(_: Client) -> Response:
+        """The signature kit: a tar of its files plus a signed manifest."""
+        if kit is None:
+            return _error(404, "this run has no signature kit")
+        return Response(kit[0], media_type=TAR_MEDIA_TYPE,
+                        headers={"X-Manifest-Sha256": kit[1]})
+
+    @app.post("/v1/route", response_model=RouteOut, responses={
+        401: unauthorized, 413: {"description": "body too large", "model": ErrorOut},
+        422: {"description": "malformed signature; `field` names the part", "model": ErrorOut}},
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": signature_schema(branching)}}}})
+    async def post_route(request: Request, _: Client) -> JSONResponse:
+        """Signature -> the routed sub-net (majority digit per level) and the top scores."""
+        body = await request.body()
+        try:
+            obj = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            return _error(422, f"signature: not valid JSON ({str(exc)[:80]})", "signature")
+        try:
+            sig = validate_signature(obj, branching)
+        except SignatureValidationError as exc:
+            return _error(422, str(exc), exc.field)
+        route = route_signature(sig)
+        top = [{"route": list(r), "bundle_id": format_route_id(r), "score": s}
+               for r, s in score_routes(sig)[:TOP_SCORES]]
+        return JSONResponse({"route": list(route), "bundle_id": format_route_id(route),
+                             "scores": top})
+
+    @app.get("/v1/subnets/{route_id}", response_class=FileResponse, responses={
+        200: {"content": {TAR_MEDIA_TYPE: {}}, "description": "signed bundle archive (tar)"},
+        401: unauthorized, 404: {"description": "no such route", "model": ErrorOut}})
+    async def get_subnet(route_id: str, _: Client) -> Response:
+        """The signed bundle of one sub-net ('1-2-3-0'), extracted on first request."""
+        try:
+            route = parse_route_id(route_id, branching)
+        except RouteIdError as exc:
+            return _error(404, str(exc))
+        path = await run_in_threadpool(cache.archive, route)
+        return FileResponse(path, media_type=TAR_MEDIA_TYPE,
+                            filename=f"{format_route_id(route)}.tar",
+                            headers={"X-Bundle-Id": format_route_id(route)})
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """App factory for `uvicorn --factory` / several workers: settings from SDR_REGISTRY_*."""
+    import torch
+
+    torch.set_num_threads(1)
+    env = os.environ
+    try:
+        return create_app(env[ENV_PREFIX + "RUN"], env[ENV_PREFIX + "TOKENS"],
+                          env[ENV_PREFIX + "KEY"], env.get(ENV_PREFIX + "CACHE") or None,
+                          int(env.get(ENV_PREFIX + "MAX_BODY", DEFAULT_MAX_BODY_BYTES)))
+    except KeyError as exc:
+        raise RuntimeError(f"registry setting {exc.args[0]} is not set") from exc

@@ -1,0 +1,96 @@
+"""Bearer tokens for the registry: stored as sha256 hashes, compared in constant time.
+
+A tokens file holds one `NAME sha256:HEX` line per client (comments start with '#'). Tokens
+are 256-bit random strings, so a plain sha256 is enough to make a stolen file useless (no
+password stretching is needed for high-entropy secrets). The plain token is printed once,
+when it is created, and never stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdr_edge.artifacts.atomic import atomic_write_text
+
+TOKEN_PREFIX = "sdr_"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_LINE = re.compile(r"^(\S+)\s+sha256:([0-9a-f]{64})$")
+
+
+class TokenFileError(ValueError):
+    """A tokens file is malformed, or a token name is invalid or taken."""
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenStore:
+    """Known token hashes by client name."""
+
+    entries: tuple[tuple[str, bytes], ...]
+
+    @classmethod
+    def load(cls, path: str | Path) -> TokenStore:
+        path = Path(path)
+        if not path.is_file():
+            raise TokenFileError(f"tokens file not found: {path} (create one with "
+                                 "`sdr-server token --tokens FILE --name NAME`)")
+        entries: list[tuple[str, bytes]] = []
+        for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            match = _LINE.match(line)
+            if not match:
+                raise TokenFileError(f"{path}:{lineno}: expected 'NAME sha256:HEX'")
+            entries.append((match.group(1), bytes.fromhex(match.group(2))))
+        return cls(tuple(entries))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def check(self, token: str) -> str | None:
+        """The client name for `token`, or None; every entry is compared (no early exit)."""
+        digest = hashlib.sha256(token.encode("utf-8")).digest()
+        found: str | None = None
+        for name, stored in self.entries:
+            if hmac.compare_digest(digest, stored) and found is None:
+                found = name
+        return found
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer TOKEN` header, else None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or len(token) > 512:
+        return None
+    return token
+
+
+def create_token(path: str | Path, name: str) -> str:
+    """Append a new token's hash for `name` to the tokens file (0600) and return the token."""
+    if not _NAME.match(name):
+        raise TokenFileError(f"invalid token name {name!r}: use letters, digits, '_', '.', '@', "
+                             "'-' (up to 64)")
+    path = Path(path)
+    existing = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if path.is_file():
+        names = {n for n, _ in TokenStore.load(path).entries}
+        if name in names:
+            raise TokenFileError(f"{path} already has a token named {name!r}")
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    if existing and not existing.endswith("\n"):
+        existing += "\n"
+    atomic_write_text(path, f"{existing}{name} sha256:{hash_token(token)}\n")
+    path.chmod(0o600)
+    return token

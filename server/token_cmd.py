@@ -1,0 +1,24 @@
+"""Create a registry bearer token: its sha256 is appended to TOKENS_FILE, the token printed once."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from client.cli_common import CommandError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", required=True, type=Path, help="tokens file (created if absent)")
+    parser.add_argument("--name", required=True, help="who the token is for (unique in the file)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from server.registry.auth import TokenFileError, create_token
+
+    try:
+        token = create_token(args.tokens, args.name)
+    except TokenFileError as exc:
+        raise CommandError(str(exc)) from exc
+    print(token)
+    return 0
