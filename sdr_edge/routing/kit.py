@@ -186,7 +186,7 @@ def train_signature_kit(images: np.ndarray, codes: np.ndarray, branching: Sequen
     net = net.cpu().eval()
     metrics: dict = {"kit_train_images": int(len(train_idx)),
                      "kit_holdout_images": int(len(hold_idx)),
-                     "kit_final_loss": loss_value,
+                     "loss": loss_value,
                      "kit_params": int(sum(p.numel() for p in net.parameters()))}
     if len(hold_idx):
         metrics.update(agreement(predict_digits(net, x_all[hold_idx]), codes[hold_idx]))
