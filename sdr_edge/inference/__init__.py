@@ -1,0 +1,1 @@
+"""On-device inference: ONNX Runtime or TensorRT by file type, OpenCV preprocessing, no torch."""

@@ -1,0 +1,94 @@
+"""A tiny *trained* digits classifier and its signed bundle, shared by the export/infer tests.
+
+Trained supervised for a few epochs on builtin:digits at 16 px (seconds on a CPU), so that the
+int8 agreement and accuracy checks measure something real. Cached per test process.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sdr_edge.artifacts.bundle import write_bundle
+from sdr_edge.artifacts.signing import generate_keypair, load_private_key, load_public_key
+from sdr_edge.data.preprocess import InputSpec, normalize_batch
+from sdr_edge.data.sources import load_digits_raw, load_source
+from sdr_edge.models import Backbone, BackboneConfig, SubnetModel
+
+SIZE = 16
+ROUTE = (1, 0, 2, 3)
+
+
+def tiny_config() -> BackboneConfig:
+    return BackboneConfig.preset("small", in_channels=1, widths=(8, 16, 16, 32), stem_width=8)
+
+
+@functools.cache
+def trained_digits() -> tuple[SubnetModel, InputSpec, float]:
+    """(model, input spec, held-out accuracy); deterministic for a given torch build."""
+    src = load_source("builtin:digits", SIZE, 1)
+    mean, std = src.channel_stats()
+    spec = InputSpec(SIZE, 1, mean, std, src.label_names)
+    x = torch.from_numpy(normalize_batch(src.images, spec))
+    y = torch.from_numpy(src.labels)
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = SubnetModel(Backbone(tiny_config()), 10)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    n_train = 1400
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: one thread is faster on a busy 2-core box
+    for _ in range(4):
+        model.train()
+        perm = torch.randperm(n_train, generator=g)
+        for i in range(0, n_train, 64):
+            idx = perm[i:i + 64]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    torch.set_num_threads(threads)
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(x[n_train:]).argmax(1) == y[n_train:]).float().mean())
+    return model, spec, acc
+
+
+def features_model() -> SubnetModel:
+    """The trained backbone without its head: a features-only sub-net."""
+    model, _, _ = trained_digits()
+    headless = SubnetModel(copy.deepcopy(model.backbone), None)
+    return headless.eval()
+
+
+def make_keys(folder: Path, name: str = "server"):
+    generate_keypair(folder / f"{name}.key", folder / f"{name}.pub")
+    return load_private_key(folder / f"{name}.key"), folder / f"{name}.pub"
+
+
+def make_bundle(folder: Path, model: SubnetModel, spec: InputSpec, key) -> Path:
+    return write_bundle(model, folder, ROUTE, spec, key, {"run": "test-export"})
+
+
+def write_digit_pngs(folder: Path, count: int, start: int = 0, size: int | None = None) -> list[Path]:
+    """Digits as PNG files (raw 8x8, or resized to `size`), like images a device would hold."""
+    folder.mkdir(parents=True, exist_ok=True)
+    raw, labels = load_digits_raw()
+    paths = []
+    for i in range(start, start + count):
+        img = raw[i] if size is None else cv2.resize(raw[i], (size, size),
+                                                     interpolation=cv2.INTER_LINEAR)
+        path = folder / f"digit_{i:04d}_label{labels[i]}.png"
+        cv2.imwrite(str(path), img)
+        paths.append(path)
+    return paths
+
+
+def digits_labels() -> np.ndarray:
+    return load_digits_raw()[1]
