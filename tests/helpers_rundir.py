@@ -69,6 +69,14 @@ def build_tiny_run(run_dir: str | Path, seed: int = 0, with_kit: bool = True) ->
     return run_dir
 
 
+def shared_tiny_run(base: Path) -> Path:
+    """One tiny run per test session (pass `tmp_path_factory.getbasetemp()`): built once."""
+    run_dir = Path(base) / "shared-tiny-run"
+    if not (run_dir / "manifest.json").is_file():
+        build_tiny_run(run_dir)
+    return run_dir
+
+
 def build_tiny_kit(run_dir: Path, codes: torch.Tensor, seed: int = 0) -> Path:
     """A real signature kit (one epoch on builtin:digits, exported to ONNX) in RUN_DIR/kit."""
     from sdr_edge.data.sources import load_source
