@@ -1,0 +1,106 @@
+"""Residual k-means speed: faiss-cpu against scikit-learn on synthetic embeddings.
+
+Prints JSON: best-of-`repeats` wall time of `fit_residual_kmeans` (4 levels x 4 clusters,
+25 iterations, no subsampling) per backend and size, the final residual energy (to show both
+reach the same quality), and a linear extrapolation to ImageNet with ResNet-50 features
+(1.28 M x 2048). Cost of one Lloyd iteration is linear in N*D for a fixed number of clusters,
+so seconds per (N*D) measured at the largest sizes carries over; memory is not extrapolated
+but computed (float32 working copy, plus scikit-learn's centred copy).
+
+    nice .venv/bin/python benchmarks/clustering_speed.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from sdr_edge.clustering import fit_residual_kmeans
+
+IMAGENET = (1_281_167, 2048)
+BRANCHING = (4, 4, 4, 4)
+
+
+def synthetic(n: int, d: int, seed: int = 0, centers: int = 256) -> np.ndarray:
+    """A Gaussian mixture: clustered like real embeddings, not uniform noise."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(centers, d)).astype(np.float32)
+    x = rng.normal(scale=0.7, size=(n, d)).astype(np.float32)
+    x += means[rng.integers(0, centers, size=n)]
+    return x
+
+
+def time_fit(x: np.ndarray, backend: str, repeats: int, iters: int) -> dict:
+    times, energy = [], None
+    for rep in range(repeats):
+        start = time.perf_counter()
+        result = fit_residual_kmeans(x, BRANCHING, iters=iters, seed=rep, backend=backend)
+        times.append(time.perf_counter() - start)
+        energy = result.residual_energy[-1]
+    return {"best_s": round(min(times), 3), "median_s": round(statistics.median(times), 3),
+            "residual_energy": round(float(energy), 5)}
+
+
+def extrapolate(rows: list[dict], backend: str) -> dict:
+    """Seconds per million N*D elements at the two largest sizes, scaled to ImageNet."""
+    largest = sorted(rows, key=lambda r: r["n"] * r["d"])[-2:]
+    rates = [r[backend]["best_s"] / (r["n"] * r["d"] / 1e6) for r in largest]
+    rate = max(rates)  # the slower of the two: do not flatter either backend
+    n, d = IMAGENET
+    return {"s_per_million_elements": round(rate, 5),
+            "predicted_s_2core": round(rate * n * d / 1e6, 1),
+            "from_sizes": [f"{r['n']}x{r['d']}" for r in largest]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=25)
+    args = parser.parse_args()
+    sizes = ([(2000, 64), (10000, 128)] if args.quick else
+             [(2000, 64), (20000, 512), (50000, 512), (100000, 512), (200000, 512),
+              (50000, 2048)])
+    repeats = 1 if args.quick else args.repeats
+    warm = synthetic(500, 16)
+    for backend in ("faiss", "sklearn"):  # imports and thread pools start outside the timings
+        fit_residual_kmeans(warm, BRANCHING, iters=2, backend=backend)
+    rows = []
+    for n, d in tqdm(sizes, desc="sizes", file=sys.stderr):
+        x = synthetic(n, d)
+        row = {"n": n, "d": d}
+        for backend in ("faiss", "sklearn"):
+            row[backend] = time_fit(x, backend, repeats, args.iters)
+        row["faiss_speedup"] = round(row["sklearn"]["best_s"] / row["faiss"]["best_s"], 2)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)  # partial results survive a kill
+        del x
+    n, d = IMAGENET
+    gib = n * d * 4 / 2**30
+    out = {
+        "benchmark": "residual_kmeans",
+        "branching": list(BRANCHING), "iters": args.iters, "repeats": repeats,
+        "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "sizes": rows,
+        "imagenet_extrapolation": {
+            "n": n, "d": d,
+            "faiss": extrapolate(rows, "faiss"), "sklearn": extrapolate(rows, "sklearn"),
+            "memory_gib": {"embeddings_float32": round(gib, 1),
+                           "faiss_working_set": round(2 * gib, 1),
+                           "sklearn_working_set": round(3 * gib, 1)},
+        },
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
