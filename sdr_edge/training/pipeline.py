@@ -1,0 +1,469 @@
+"""The phases of `sdr-server train`, resumable after a crash at any epoch boundary.
+
+SDR run:     phase0 (SimSiam teacher) -> cluster (residual k-means codes) -> level_1..level_R
+             (split a level's experts, SiamKD against the frozen teacher) -> kit -> report.
+Unified run: one SimSiam phase on the same backbone for the same total epochs -> report.
+
+After every epoch the trainable state goes to RUN_DIR/checkpoints/last.safetensors together
+with (phase, epochs done, metrics.jsonl size). Finished phases leave their artifacts in the run
+dir (teacher, codes, sdrnet), so a rerun of the same command skips them, reloads what they made
+and replays only the unfinished epochs. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from sdr_edge.artifacts import run_dir as rd
+from sdr_edge.artifacts.atomic import atomic_write_text
+from sdr_edge.artifacts.weights import load_tensors
+from sdr_edge.data.preprocess import InputSpec
+from sdr_edge.data.sources import ImageSource, load_source
+from sdr_edge.models.resnet import Backbone
+from sdr_edge.models.sdrnet import SDRnet
+from sdr_edge.ssl.heads import SimSiamHeads
+from sdr_edge.training import distributed as dd
+from sdr_edge.training.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from sdr_edge.training.config import TrainConfig, dump_config
+from sdr_edge.training.epochs import EpochPlan, embed, knn_monitor, train_epoch
+from sdr_edge.training.metrics import MetricsLog
+from sdr_edge.training.siamese import FrozenTeacher, SiameseNet, make_optimizer, scaled_lr
+
+log = logging.getLogger(__name__)
+
+PHASE0, CLUSTER, KIT, DONE, UNIFIED = "phase0", "cluster", "kit", "done", "unified"
+MAX_LOGGED_SKIPS = 1000
+
+
+class RunConflictError(ValueError):
+    """RUN_DIR holds something this command must not overwrite or resume."""
+
+
+def level_phase(r: int) -> str:
+    """Metrics/checkpoint name of routing level r (0-based): 'level_1', 'level_2', ..."""
+    return f"level_{r + 1}"
+
+
+def phase_order(levels: int, unified: bool) -> list[str]:
+    if unified:
+        return [UNIFIED, DONE]
+    return [PHASE0, CLUSTER, *[level_phase(r) for r in range(levels)], KIT, DONE]
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or already finished) run reports back to the CLI."""
+
+    run_dir: Path
+    kind: str
+    resumed: bool
+    already_done: bool
+    skipped_images: int
+    num_images: int
+    seconds: float
+
+
+def split_indices(n: int, has_labels: bool, val_fraction: float, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices: a seeded hold-out for the kNN monitor when labels exist."""
+    if not has_labels or val_fraction <= 0 or n < 10:
+        return np.arange(n), np.arange(0)
+    perm = np.random.default_rng([seed, 7]).permutation(n)
+    n_val = max(1, int(round(n * val_fraction)))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def load_teacher_heads(run_dir: Path, cfg: TrainConfig, feature_dim: int) -> SimSiamHeads:
+    """The teacher's projector and predictor, stored as 'heads.*' in teacher.safetensors."""
+    tensors, _ = load_tensors(Path(run_dir) / rd.TEACHER)
+    heads = SimSiamHeads(feature_dim, cfg.ssl.proj_dim, cfg.ssl.pred_hidden)
+    heads.load_state_dict({k[len("heads."):]: v for k, v in tensors.items()
+                           if k.startswith("heads.")})
+    return heads
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+    return f"{path}: {a!r} in the checkpoint, {b!r} now"
+
+
+def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items()
+            if isinstance(v, int | float | str | bool | list) or v is None}
+
+
+class Trainer:
+    """Runs (or resumes) one training run into `run_dir`."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, unified: bool = False,
+                 env: dd.DistEnv | None = None) -> None:
+        if not cfg.data.source:
+            raise ValueError("no data source: pass --data SOURCE or set [data] source")
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.unified = unified
+        self.kind = "unified" if unified else "sdr"
+        self.env = env or dd.DistEnv()
+        self.metrics = MetricsLog(self.run_dir, enabled=self.env.is_main)
+        self.order = phase_order(len(cfg.routing.branching), unified)
+        self.identity = json.loads(json.dumps({"kind": self.kind, "config": cfg.to_dict()}))
+        self.ckpt: Checkpoint | None = None
+
+    # ----- resume bookkeeping -------------------------------------------------------------
+
+    def _position(self) -> tuple[int, int]:
+        if self.ckpt is None:
+            return (-1, 0)
+        return (self.order.index(self.ckpt.meta["phase"]), int(self.ckpt.meta["epoch"]))
+
+    def _past(self, phase: str) -> bool:
+        """The checkpoint says `phase` finished and its artifacts are in the run dir."""
+        return self._position()[0] > self.order.index(phase)
+
+    def _resuming(self, phase: str) -> bool:
+        return self.ckpt is not None and self.ckpt.meta["phase"] == phase
+
+    def _checkpoint(self, phase: str, epoch: int, modules: dict[str, nn.Module] | None = None,
+                    optimizers: dict[str, torch.optim.Optimizer] | None = None) -> None:
+        if self.env.is_main:
+            save_checkpoint(self.run_dir, {"phase": phase, "epoch": epoch,
+                                           "identity": self.identity,
+                                           "metrics_bytes": self.metrics.size()},
+                            modules, optimizers)
+
+    def _open_run_dir(self) -> bool:
+        """Check RUN_DIR, load a checkpoint of the same run; True when it is already finished."""
+        self.ckpt = load_checkpoint(self.run_dir) if self.run_dir.exists() else None
+        if self.ckpt is not None:
+            if self.ckpt.meta.get("identity") != self.identity:
+                diff = _first_difference(self.ckpt.meta.get("identity"), self.identity)
+                raise RunConflictError(
+                    f"{self.run_dir} holds a different run ({diff}); pass another --out, "
+                    "or delete the folder to start over")
+            if self.ckpt.meta["phase"] == DONE and (self.run_dir / rd.MANIFEST).exists():
+                return True
+        elif (self.run_dir.exists() and any(self.run_dir.iterdir())
+              and ((self.run_dir / rd.MANIFEST).exists()
+                   or not (self.run_dir / rd.CONFIG).exists())):
+            raise RunConflictError(
+                f"{self.run_dir} is not empty and holds no resumable run; pass another --out")
+        return False
+
+    # ----- data ---------------------------------------------------------------------------
+
+    def _load_data(self) -> None:
+        d, seed = self.cfg.data, self.cfg.train.seed
+        self.source: ImageSource = load_source(d.source, d.image_size, d.channels, d.limit, seed)
+        self.images = self.source.images
+        self.labels = self.source.labels
+        self.train_index, self.val_index = split_indices(
+            len(self.source), self.labels is not None, d.val_fraction, seed)
+        mean, std = self.source.subset(self.train_index).channel_stats()
+        self.spec = InputSpec(d.image_size, d.channels, mean, std, tuple(self.source.label_names))
+        per_rank = min(self.cfg.ssl.batch_size, len(self.train_index)) // self.env.world_size
+        if per_rank < 2:
+            raise ValueError(f"{d.source}: {len(self.train_index)} training image(s) are too few "
+                             f"for batches across {self.env.world_size} process(es)")
+        self.global_batch = per_rank * self.env.world_size
+
+    def _plan(self, phase_id: int) -> EpochPlan:
+        return EpochPlan(self.images, self.train_index, self.spec, self.global_batch,
+                         self.cfg.train.seed, phase_id)
+
+    # ----- generic phase ------------------------------------------------------------------
+
+    def _wrap(self, model: nn.Module, find_unused: bool) -> nn.Module:
+        if not self.env.distributed:
+            return model
+        ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+
+    def _knn(self, model: SiameseNet, codes: torch.Tensor | None) -> float | None:
+        if not self.env.is_main:
+            return None
+        model.eval()
+        if codes is None:
+            def encode(x: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+                return model.encoder(x)
+        else:
+            def encode(x: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+                return model.encoder(x, codes[torch.from_numpy(idx)].to(x.device))
+        return knn_monitor(encode, self.images, self.labels, self.train_index, self.val_index,
+                           self.spec, self.env.device, self.cfg.train.knn_max, self.cfg.train.seed)
+
+    def _train_phase(self, phase: str, phase_id: int, model: SiameseNet, wrapped: nn.Module,
+                     opt: torch.optim.Optimizer, epochs: int, start_epoch: int, *,
+                     codes: torch.Tensor | None = None, teacher: FrozenTeacher | None = None) -> None:
+        plan = self._plan(phase_id)
+        base_lr = scaled_lr(self.cfg.ssl, self.global_batch)
+        every = self.cfg.train.knn_every
+        for epoch in range(start_epoch, epochs):
+            t0 = time.perf_counter()
+            stats = train_epoch(wrapped, opt, plan, epoch, epochs, base_lr, self.env, codes=codes,
+                                teacher=teacher, kd_weight=self.cfg.ssl.kd_weight,
+                                desc=f"{phase} {epoch + 1}/{epochs}")
+            knn = None
+            if every and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
+                knn = self._knn(model, codes)
+            seconds = time.perf_counter() - t0
+            self.metrics.epoch(phase, epoch + 1, stats["loss"], knn, seconds,
+                               images_per_s=stats["images_per_s"], steps=stats["steps"])
+            if self.env.is_main:
+                knn_text = "" if knn is None else f", kNN acc {knn:.3f}"
+                log.info("%s epoch %d/%d: loss %.4f%s (%.1f s, %.0f img/s)", phase, epoch + 1,
+                         epochs, stats["loss"], knn_text, seconds, stats["images_per_s"])
+            self._checkpoint(phase, epoch + 1, {"model": model}, {"sgd": opt})
+        dd.sync_buffers(model, self.env)
+
+    def _new_siamese(self, encoder: Backbone | SDRnet, heads: SimSiamHeads | None = None
+                     ) -> SiameseNet:
+        heads = heads or SimSiamHeads(encoder.feature_dim, self.cfg.ssl.proj_dim,
+                                      self.cfg.ssl.pred_hidden)
+        return SiameseNet(encoder, heads).to(self.env.device)
+
+    def _restore(self, phase: str, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+        """Load the checkpoint's state when resuming inside `phase`; returns epochs done."""
+        if not self._resuming(phase):
+            return 0
+        assert self.ckpt is not None
+        model.load_state_dict(self.ckpt.modules["model"])
+        opt.load_state_dict(self.ckpt.optimizers["sgd"])
+        return int(self.ckpt.meta["epoch"])
+
+    # ----- the phases ---------------------------------------------------------------------
+
+    def _phase0(self) -> tuple[Backbone, SimSiamHeads]:
+        bcfg = self.cfg.backbone_config()
+        phase = UNIFIED if self.unified else PHASE0
+        if self._past(phase):
+            backbone, _ = rd.load_teacher(self.run_dir)
+            return backbone, load_teacher_heads(self.run_dir, self.cfg, bcfg.feature_dim)
+        epochs = self.cfg.total_epochs if self.unified else self.cfg.schedule.phase0_epochs
+        model = self._new_siamese(Backbone(bcfg))
+        opt = make_optimizer(model, self.cfg.ssl, self.global_batch)
+        start = self._restore(phase, model, opt)
+        self._train_phase(phase, 0 if not self.unified else 100, model,
+                          self._wrap(model, find_unused=False), opt, epochs, start)
+        backbone = model.encoder.cpu()
+        heads = model.heads.cpu()
+        if self.env.is_main:
+            rd.save_teacher(self.run_dir, backbone, self.spec, extra=heads.state_dict())
+        self._final_digest(model)
+        return backbone, heads
+
+    def _embed_all(self, backbone: Backbone) -> torch.Tensor:
+        """L2-normalised teacher features of every image; ranks share the work."""
+        backbone = backbone.to(self.env.device).eval()
+        n, w = len(self.images), self.env.world_size
+        mine = np.arange(self.env.rank, n, w)
+        feats = embed(lambda x, idx: backbone(x), self.images, mine, self.spec, self.env.device)
+        if w > 1:
+            rows = -(-n // w)
+            padded = torch.zeros(rows, backbone.feature_dim)
+            padded[:len(mine)] = feats
+            feats = torch.stack(self.env.all_gather(padded), dim=1).reshape(rows * w, -1)[:n]
+        backbone.cpu()
+        return torch.nn.functional.normalize(feats, dim=1)
+
+    def _cluster(self, teacher: Backbone) -> torch.Tensor:
+        levels = len(self.cfg.routing.branching)
+        if self._past(CLUSTER):
+            codes, _ = rd.load_codes(self.run_dir)
+            if codes.shape != (len(self.images), levels):
+                raise RunConflictError(f"{self.run_dir}: codes.safetensors has shape "
+                                       f"{tuple(codes.shape)}, expected {(len(self.images), levels)}")
+            return codes
+        from sdr_edge.clustering import assign_codes, fit_residual_kmeans
+
+        t0 = time.perf_counter()
+        emb = self._embed_all(teacher)
+        codes = torch.zeros(len(self.images), levels, dtype=torch.long)
+        if self.env.is_main:
+            x = emb.numpy().astype(np.float32)
+            result = fit_residual_kmeans(x[self.train_index], self.cfg.routing.branching,
+                                         iters=self.cfg.cluster.iters, seed=self.cfg.train.seed,
+                                         backend=self.cfg.cluster.backend,
+                                         sample=self.cfg.cluster.sample)
+            codes = torch.from_numpy(np.asarray(assign_codes(x, result.codebooks), dtype=np.int64))
+            codes[torch.from_numpy(self.train_index)] = torch.from_numpy(
+                np.asarray(result.codes, dtype=np.int64))
+            books = [torch.from_numpy(np.asarray(c, dtype=np.float32)) for c in result.codebooks]
+            recon = torch.zeros_like(emb)
+            for r, book in enumerate(books):
+                recon += book[codes[:, r]]
+            residual = float(((emb - recon) ** 2).sum(dim=1).mean())
+            rd.save_codebooks(self.run_dir, books)
+            rd.save_codes(self.run_dir, codes, self.cfg.data.source)
+            self.metrics.epoch(CLUSTER, 1, residual, None, time.perf_counter() - t0,
+                               backend=result.backend, sizes=[list(map(int, s)) for s in result.sizes])
+            log.info("clustered %d embeddings into K=%d cells with %s (residual %.4f, %.1f s)",
+                     len(self.train_index), self.cfg.num_subnets, result.backend, residual,
+                     time.perf_counter() - t0)
+        self.env.broadcast(codes)
+        self._checkpoint(CLUSTER, 1)
+        return codes
+
+    def _levels(self, teacher: Backbone, teacher_heads: SimSiamHeads, codes: torch.Tensor) -> SDRnet:
+        """Progressive training: split level r's experts, then SiamKD routed by the codes."""
+        if self._past(level_phase(len(self.cfg.routing.branching) - 1)):
+            return rd.load_sdrnet(self.run_dir)[0]
+        net = SDRnet.from_backbone(teacher, self.cfg.routing.branching,
+                                   self.cfg.resolved_level_stages())
+        model = self._new_siamese(net, copy.deepcopy(teacher_heads))
+        frozen = FrozenTeacher(copy.deepcopy(teacher), copy.deepcopy(teacher_heads.projector))
+        frozen.to(self.env.device)
+        first, resumed = 0, False
+        pos = self._position()
+        for r in range(len(self.cfg.routing.branching)):
+            if self.order.index(level_phase(r)) == pos[0]:
+                first, resumed = r, True
+        if resumed:
+            assert self.ckpt is not None
+            model.load_state_dict(self.ckpt.modules["model"])
+        wrapped = self._wrap(model, find_unused=True)
+        for r in range(first, len(self.cfg.routing.branching)):
+            phase = level_phase(r)
+            if not self._resuming(phase):
+                net.split_level(r)
+            opt = make_optimizer(model, self.cfg.ssl, self.global_batch)
+            start = self._restore(phase, model, opt)
+            self._train_phase(phase, r + 1, model, wrapped, opt, self.cfg.schedule.level_epochs[r],
+                              start, codes=codes, teacher=frozen)
+        net = model.encoder.cpu()
+        if self.env.is_main:
+            rd.save_sdrnet(self.run_dir, net, self.spec)
+        self._final_digest(model)
+        self._checkpoint(KIT, 0)
+        return net
+
+    def _kit(self, codes: torch.Tensor) -> None:
+        if self._past(KIT):
+            return
+        if self.cfg.kit.epochs < 1:
+            log.info("[kit] epochs = 0: no signature kit in this run")
+            self.metrics.event("kit_skipped", reason="[kit] epochs = 0")
+        elif importlib.util.find_spec("sdr_edge.routing.kit") is None:
+            log.warning("sdr_edge.routing.kit is not installed: no signature kit in this run")
+            self.metrics.event("kit_skipped", reason="sdr_edge.routing.kit not available")
+        elif self.env.is_main:
+            from sdr_edge.routing.kit import train_signature_kit
+
+            t0 = time.perf_counter()
+            result = train_signature_kit(self.images, codes.numpy(), self.cfg.routing.branching,
+                                         self.spec, self.run_dir / rd.KIT_DIR,
+                                         epochs=self.cfg.kit.epochs, seed=self.cfg.train.seed,
+                                         device=str(self.env.device))
+            extra = _json_safe(dict(result or {}))
+            loss = extra.pop("loss", None)
+            for key in ("phase", "epoch", "knn_acc", "time"):
+                extra.pop(key, None)
+            self.metrics.epoch(KIT, self.cfg.kit.epochs, loss, None, time.perf_counter() - t0,
+                               **extra)
+            log.info("signature kit: %s", json.dumps(extra, sort_keys=True))
+        self.env.barrier()
+        self._checkpoint(KIT, 1)
+
+    def _final_digest(self, model: nn.Module) -> None:
+        """Under DDP, prove every rank ends with identical weights (logged to metrics.jsonl)."""
+        if not self.env.distributed:
+            return
+        digests = dd.gather_digests(model, self.env)
+        self.metrics.event("ddp_weights", world_size=self.env.world_size, digests=digests)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"DDP ranks ended with different weights: {digests}")
+
+    def _report(self) -> None:
+        if not self.env.is_main or importlib.util.find_spec("sdr_edge.report") is None:
+            return
+        from sdr_edge.report import make_training_report
+
+        try:
+            paths = make_training_report(self.run_dir, images=self.images)
+            log.info("report: %d file(s) in %s", len(paths), self.run_dir / rd.REPORT_DIR)
+        except Exception as exc:  # a plotting failure must not lose a finished training run
+            log.warning("training report failed: %s: %s", type(exc).__name__, exc)
+            self.metrics.event("report_failed", error=f"{type(exc).__name__}: {exc}")
+
+    # ----- entry point --------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        t0 = time.perf_counter()
+        done = self._open_run_dir()
+        self.env.barrier()
+        if done:
+            skipped = json.loads((self.run_dir / rd.MANIFEST).read_text()).get("skipped_images", 0)
+            return TrainResult(self.run_dir, self.kind, False, True, int(skipped), 0, 0.0)
+        self._load_data()
+        torch.manual_seed(self.cfg.train.seed)
+        np.random.seed(self.cfg.train.seed % (2**32))
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / rd.CONFIG, dump_config(self.cfg))
+        resumed = self.ckpt is not None
+        if resumed:
+            assert self.ckpt is not None
+            restore_rng(self.ckpt)
+            self.metrics.truncate(int(self.ckpt.meta["metrics_bytes"]))
+            pos = (self.ckpt.meta["phase"], int(self.ckpt.meta["epoch"]))
+            if self.env.is_main:
+                log.info("resuming from checkpoint: phase %s, %d epoch(s) done", *pos)
+            self.metrics.event("resumed", phase=pos[0], epoch=pos[1])
+        else:
+            self.metrics.truncate(0)
+            self.metrics.event("skipped_images", count=len(self.source.skipped),
+                               paths=self.source.skipped[:MAX_LOGGED_SKIPS],
+                               truncated=len(self.source.skipped) > MAX_LOGGED_SKIPS)
+            self.metrics.event("data", source=self.cfg.data.source, images=len(self.images),
+                               train=len(self.train_index), val=len(self.val_index),
+                               global_batch=self.global_batch, world_size=self.env.world_size,
+                               device=str(self.env.device))
+
+        teacher, heads = self._phase0()
+        if not self.unified:
+            codes = self._cluster(teacher)
+            net = self._levels(teacher, heads, codes)
+            self._kit(codes)
+            del net
+        self._report()
+        if self.env.is_main:
+            info = {"kind": self.kind, "source": self.cfg.data.source,
+                    "num_images": len(self.images), "num_train": len(self.train_index),
+                    "skipped_images": len(self.source.skipped), "input_spec": self.spec.to_dict(),
+                    "architecture": {"backbone": self.cfg.backbone_config().to_dict()}}
+            if not self.unified:
+                info["branching"] = list(self.cfg.routing.branching)
+                info["level_stages"] = list(self.cfg.resolved_level_stages())
+            rd.write_run_manifest(self.run_dir, info)
+        self._checkpoint(DONE, 0)
+        self.env.barrier()
+        return TrainResult(self.run_dir, self.kind, resumed, False, len(self.source.skipped),
+                           len(self.images), time.perf_counter() - t0)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, *, unified: bool = False,
+          source: str | None = None) -> TrainResult:
+    """Set up (distributed) devices, run or resume the training, tear down."""
+    if source:
+        cfg = replace(cfg, data=replace(cfg.data, source=source))
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    env = dd.setup(cfg.train.device)
+    try:
+        return Trainer(cfg, run_dir, unified=unified, env=env).run()
+    finally:
+        dd.teardown(env)
