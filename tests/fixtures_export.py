@@ -11,12 +11,11 @@ import functools
 from pathlib import Path
 
 import cv2
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from sdr_edge.artifacts.bundle import write_bundle
-from sdr_edge.artifacts.signing import generate_keypair, load_private_key, load_public_key
+from sdr_edge.artifacts.signing import generate_keypair, load_private_key
 from sdr_edge.data.preprocess import InputSpec, normalize_batch
 from sdr_edge.data.sources import load_digits_raw, load_source
 from sdr_edge.models import Backbone, BackboneConfig, SubnetModel
@@ -44,16 +43,18 @@ def trained_digits() -> tuple[SubnetModel, InputSpec, float]:
     n_train = 1400
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny convolutions: one thread is faster on a busy 2-core box
-    for _ in range(4):
-        model.train()
-        perm = torch.randperm(n_train, generator=g)
-        for i in range(0, n_train, 64):
-            idx = perm[i:i + 64]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    torch.set_num_threads(threads)
+    try:
+        for _ in range(4):
+            model.train()
+            perm = torch.randperm(n_train, generator=g)
+            for i in range(0, n_train, 64):
+                idx = perm[i:i + 64]
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     with torch.no_grad():
         acc = float((model(x[n_train:]).argmax(1) == y[n_train:]).float().mean())
@@ -90,5 +91,3 @@ def write_digit_pngs(folder: Path, count: int, start: int = 0, size: int | None 
     return paths
 
 
-def digits_labels() -> np.ndarray:
-    return load_digits_raw()[1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
 from pathlib import Path
 
 import onnx
@@ -47,7 +48,9 @@ def export_fp32(model: nn.Module, image_size: int, channels: int, path: str | Pa
     if batch is None:
         dynamic = {"x": {0: torch.export.Dim("batch", min=1, max=65536)}}
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            # torch's own pytree code trips its deprecation of LeafSpec while exporting.
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             program = torch.onnx.export(
                 model, (example,), None, input_names=[INPUT_NAME], output_names=[output_name],
                 opset_version=opset, dynamo=True, external_data=False, dynamic_shapes=dynamic,

@@ -77,6 +77,8 @@ class ExportOptions:
         if self.calib_images is None and self.calib_source is None and self.eval_source is None:
             raise ValueError("the export is checked against PyTorch on real images: pass "
                              "--eval-source SOURCE (labelled if possible) or --calib-images DIR")
+        if self.opset < 18:
+            raise ValueError(f"opset {self.opset} is too old: sdr-edge exports opset >= 18")
         if self.tolerance is not None and self.tolerance < 0:
             raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
         if self.calib_limit < 1 or self.eval_limit < 1:

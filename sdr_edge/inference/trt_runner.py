@@ -29,6 +29,7 @@ class TrtRunner:
 
     def __init__(self, path: str | Path, metadata_path: str | Path | None = None) -> None:
         self.path = Path(path)
+        trt, self.gpu = require_tensorrt_and_gpu("running a TensorRT engine")
         meta_path = Path(metadata_path) if metadata_path else engine_metadata_path(self.path)
         try:
             self.metadata: ModelMetadata | None
@@ -36,7 +37,6 @@ class TrtRunner:
         except MetadataError as exc:
             raise MetadataError(f"{exc}; engines built by `sdr-export trt` have their input "
                                 "spec and label names in that file") from exc
-        trt, self.gpu = require_tensorrt_and_gpu("running a TensorRT engine")
         self.trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.trt_runtime = trt.Runtime(self.logger)

@@ -1,0 +1,219 @@
+"""`sdr-export trt`: the gate without TensorRT, and everything before the build, tested anywhere.
+
+The engine build itself needs TensorRT and an NVIDIA GPU; that test skips with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixtures_export import trained_digits
+
+from export.cli import main as export_main
+from sdr_edge.artifacts.atomic import sha256_file
+from sdr_edge.data.sources import load_source
+from sdr_edge.export.metadata import ModelMetadata, engine_metadata_path, read_sidecar
+from sdr_edge.export.onnx_export import attach_metadata
+from sdr_edge.export.parity import ParityError, raise_on_failure
+from sdr_edge.export.pipeline import ExportOptions, export_model
+from sdr_edge.export.quantize import quantize_int8
+from sdr_edge.export.tensorrt_build import (
+    BuildOptions,
+    EngineBuildError,
+    check_tensorrt_compatible,
+    engine_checks,
+    engine_metadata,
+    prepare_build,
+    profile_shapes,
+    read_onnx_info,
+    validate_options,
+)
+from sdr_edge.inference.cuda_device import (
+    find_nvidia_gpu,
+    missing_message,
+    tensorrt_module,
+)
+
+_TRT, _TRT_ERROR = tensorrt_module()
+_GPU, _GPU_NOTE = find_nvidia_gpu()
+HAVE_TRT, HAVE_GPU = _TRT is not None, _GPU is not None
+SKIP_REASON = missing_message("building an engine", None if HAVE_TRT else _TRT_ERROR,
+                              None if HAVE_GPU else _GPU_NOTE)
+
+
+@pytest.fixture(scope="module")
+def onnx_models(tmp_path_factory):
+    """An fp32 export, and int8 versions quantized for the CPU and for TensorRT."""
+    root = tmp_path_factory.mktemp("trt")
+    model, spec, _ = trained_digits()
+    fp32 = root / "fp32.onnx"
+    result = export_model(model, spec, (2, 1), fp32,
+                          ExportOptions(eval_source="builtin:digits", eval_limit=100,
+                                        progress=False))
+    calib = load_source("builtin:digits", spec.image_size, 1, limit=64).images
+    from sdr_edge.data.preprocess import normalize_batch
+
+    x = normalize_batch(calib, spec)
+    out = {"fp32": fp32, "meta": result.metadata}
+    for target in ("cpu", "tensorrt"):
+        raw = root / f"raw_{target}.onnx"
+        quantize_int8(fp32, raw, x, "input", target=target, workdir=root)
+        meta = ModelMetadata.from_dict({**result.metadata.to_dict(), "precision": "int8"})
+        out[f"int8_{target}"] = attach_metadata(raw, root / f"int8_{target}.onnx", meta)
+    return out
+
+
+def _opts(onnx_path: Path, **kw) -> BuildOptions:
+    return BuildOptions(onnx=onnx_path, out=onnx_path.with_suffix(".engine"), **kw)
+
+
+@pytest.mark.skipif(HAVE_TRT and HAVE_GPU, reason="TensorRT and a GPU are present")
+def test_without_tensorrt_the_command_stops_at_once_naming_what_is_missing(onnx_models, capsys):
+    out = onnx_models["fp32"].with_name("never.engine")
+    rc = export_main(["trt", "--onnx", str(onnx_models["fp32"]), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    if not HAVE_TRT:
+        assert "the TensorRT Python package (`import tensorrt` failed" in err
+    if not HAVE_GPU:
+        assert "an NVIDIA GPU with a working CUDA driver" in err
+    assert "pip install 'sdr-edge[trt]'" in err and "JetPack" in err
+    assert not out.exists()
+
+
+def test_missing_message_names_each_missing_part():
+    both = missing_message("`sdr-export trt`", "No module named 'tensorrt'", "no device")
+    assert both.startswith("`sdr-export trt` needs the TensorRT Python package")
+    assert " and an NVIDIA GPU with a working CUDA driver (no device)" in both
+    gpu_only = missing_message("x", None, "cuda-python sees no CUDA device")
+    assert "TensorRT Python package" not in gpu_only and "NVIDIA GPU" in gpu_only
+    trt_only = missing_message("x", "No module named 'tensorrt'", None)
+    assert "working CUDA driver" not in trt_only and "sdr-edge[trt]" in trt_only
+    assert missing_message("x", None, None) == ""
+
+
+def test_profile_shapes_defaults_explicit_and_invalid():
+    dyn = ("batch", 1, 16, 16)
+    p = profile_shapes(dyn, None, None, None)
+    assert (p.min, p.opt, p.max) == ((1, 1, 16, 16), (32, 1, 16, 16), (32, 1, 16, 16))
+    p = profile_shapes(dyn, 2, 8, 64)
+    assert (p.min[0], p.opt[0], p.max[0]) == (2, 8, 64)
+    assert profile_shapes(dyn, None, None, 4).opt[0] == 4  # opt follows a small max
+    assert profile_shapes(dyn, 40, None, None).max[0] == 40  # max follows a large min
+    with pytest.raises(EngineBuildError, match="min <= opt <= max, got min 8, opt 4, max 16"):
+        profile_shapes(dyn, 8, 4, 16)
+    with pytest.raises(EngineBuildError, match="--min-batch must be >= 1, got 0"):
+        profile_shapes(dyn, 0, None, None)
+    fixed = (4, 3, 32, 32)
+    assert profile_shapes(fixed, None, None, None).to_dict() == {
+        "min": [4, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [4, 3, 32, 32]}
+    with pytest.raises(EngineBuildError, match="fixed batch of 4"):
+        profile_shapes(fixed, None, None, 8)
+
+
+def test_reads_the_onnx_input_and_refuses_cpu_int8(onnx_models):
+    info = read_onnx_info(onnx_models["fp32"])
+    assert info.input_name == "input" and info.output_name == "logits"
+    assert info.input_shape[1:] == (1, 16, 16) and isinstance(info.input_shape[0], str)
+    assert info.output_shape[1:] == (10,)
+    assert info.precision == "fp32" and info.metadata == onnx_models["meta"]
+    check_tensorrt_compatible(info)
+    cpu = read_onnx_info(onnx_models["int8_cpu"])
+    assert cpu.precision == "int8" and "uint8" in cpu.activation_quant_types
+    with pytest.raises(EngineBuildError, match="--int8-target tensorrt"):
+        check_tensorrt_compatible(cpu)
+    trt_ready = read_onnx_info(onnx_models["int8_tensorrt"])
+    assert trt_ready.activation_quant_types == ("int8",)
+    check_tensorrt_compatible(trt_ready)
+
+
+def test_option_checks_need_no_tensorrt(onnx_models, tmp_path):
+    fp32 = onnx_models["fp32"]
+    info, shapes = prepare_build(_opts(fp32, max_batch=16))
+    assert shapes.max[0] == 16 and info.precision == "fp32"
+    for kw, message in [({"hardware_compat": "turing+"}, "unknown --hardware-compat"),
+                        ({"workspace_mb": 0}, "--workspace-mb must be >= 1"),
+                        ({"sample_inputs": 0}, "at least one sample input")]:
+        with pytest.raises(EngineBuildError, match=message):
+            validate_options(_opts(fp32, **kw))
+    with pytest.raises(EngineBuildError, match="would overwrite an ONNX file"):
+        validate_options(BuildOptions(onnx=fp32, out=tmp_path / "x.onnx"))
+    with pytest.raises(EngineBuildError, match="ONNX model not found"):
+        prepare_build(_opts(tmp_path / "missing.onnx"))
+    (tmp_path / "junk.onnx").write_bytes(b"\x00\xffjunk")
+    with pytest.raises(EngineBuildError, match="not a readable ONNX model"):
+        prepare_build(_opts(tmp_path / "junk.onnx"))
+    with pytest.raises(EngineBuildError, match="--int8-target tensorrt"):
+        prepare_build(_opts(onnx_models["int8_cpu"]))
+    with pytest.raises(EngineBuildError, match="min <= opt <= max"):
+        prepare_build(_opts(fp32, min_batch=8, max_batch=4))
+
+
+def test_engine_metadata_round_trips(onnx_models, tmp_path):
+    opts = _opts(onnx_models["int8_tensorrt"], max_batch=64, version_compatible=True,
+                 hardware_compat="ampere+", timing_cache=tmp_path / "cache.bin")
+    info, shapes = prepare_build(opts)
+    gpu = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": [9, 0], "probe": "test"}
+    doc = engine_metadata(info, shapes, opts, sha256_file(opts.onnx), "10.9.0", gpu,
+                          engine_sha256="ab" * 32, build_seconds=12.3456)
+    path = engine_metadata_path(tmp_path / "model.engine")
+    assert path.name == "model.engine.json"
+    path.write_text(json.dumps(doc))
+    meta, back = read_sidecar(path)
+    assert meta == onnx_models["meta"].__class__.from_dict(
+        {**onnx_models["meta"].to_dict(), "precision": "int8"})
+    assert back["onnx"]["sha256"] == sha256_file(onnx_models["int8_tensorrt"])
+    assert back["input"]["profile"] == {"min": [1, 1, 16, 16], "opt": [32, 1, 16, 16],
+                                        "max": [64, 1, 16, 16]}
+    assert back["precision"] == "int8" and back["strongly_typed"] is True
+    assert back["version_compatible"] is True and back["hardware_compat"] == "ampere+"
+    assert back["gpu"]["compute_capability"] == [9, 0] and back["tensorrt_version"] == "10.9.0"
+    assert back["build_seconds"] == 12.346
+
+
+def test_engine_checks_use_the_precision_tolerance():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(0, 5, (64, 10)).astype(np.float32)
+    ok = engine_checks("fp16", "logits", ref, ref + 0.01)
+    assert ok[0].passed and "bound 0.01 x max(1" in ok[0].detail
+    bad = engine_checks("fp32", "logits", ref, ref + 1.0)
+    with pytest.raises(ParityError, match=r"TensorRT fp32 vs ONNX Runtime: max \|diff\| = 1"):
+        raise_on_failure("TensorRT fp32 engine", bad)
+    flipped = ref.copy()
+    flipped[:2] = -flipped[:2]  # two of 64 decisions change: 96.9% < 99%
+    check = engine_checks("int8", "logits", ref, flipped)[0]
+    assert not check.passed and "2 differ" in check.detail
+    feats = engine_checks("int8", "features", ref, ref * 1.5)[0]
+    assert feats.passed and feats.value == pytest.approx(1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAVE_TRT and HAVE_GPU), reason=SKIP_REASON)
+@pytest.mark.parametrize("which", ["fp32", "int8_tensorrt"])
+def test_build_run_and_compare_an_engine(onnx_models, tmp_path, capsys, which):
+    from client.cli import main as client_main
+    from sdr_edge.inference.runners import OrtRunner
+    from sdr_edge.inference.trt_runner import TrtRunner
+
+    out = tmp_path / f"{which}.engine"
+    cache = tmp_path / "timing.cache"
+    rc = export_main(["trt", "--onnx", str(onnx_models[which]), "--out", str(out),
+                      "--max-batch", "64", "--timing-cache", str(cache)])
+    assert rc == 0, capsys.readouterr().err
+    assert out.read_bytes()[:4] == b"ftrt" and cache.stat().st_size > 0
+    meta, doc = read_sidecar(engine_metadata_path(out))
+    assert doc["checks"] and all(c["passed"] for c in doc["checks"])
+    x = np.random.default_rng(1).standard_normal((70, 1, 16, 16)).astype(np.float32)
+    runner = TrtRunner(out)
+    got, ref = runner.run(x), OrtRunner(onnx_models[which]).run(x)
+    runner.close()
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.97
+    from fixtures_export import write_digit_pngs
+
+    write_digit_pngs(tmp_path / "imgs", 10, start=1700)
+    assert client_main(["infer", "--model", str(out), "--images", str(tmp_path / "imgs"),
+                        "--no-progress"]) == 0
+    assert "TensorRT" in capsys.readouterr().out
