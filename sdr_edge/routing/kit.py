@@ -203,6 +203,7 @@ def write_kit(net: SignatureKitNet, spec: InputSpec, out_dir: str | Path,
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        staging.chmod(0o755)  # mkdtemp makes it private; the kit is public material
         arch = net.arch_dict(spec.channels)
         save_tensors(staging / KIT_WEIGHTS, net.state_dict(),
                      {"architecture": arch, "input_spec": spec.to_dict()})
