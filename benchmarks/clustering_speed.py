@@ -19,8 +19,10 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from sdr_edge.clustering import fit_residual_kmeans
@@ -38,15 +40,33 @@ def synthetic(n: int, d: int, seed: int = 0, centers: int = 256) -> np.ndarray:
     return x
 
 
-def time_fit(x: np.ndarray, backend: str, repeats: int, iters: int) -> dict:
+def time_fit(x: np.ndarray, backend: str, repeats: int, iters: int, threads: int) -> dict:
     times, energy = [], None
     for rep in range(repeats):
-        start = time.perf_counter()
-        result = fit_residual_kmeans(x, BRANCHING, iters=iters, seed=rep, backend=backend)
-        times.append(time.perf_counter() - start)
+        with thread_limit(threads):
+            start = time.perf_counter()
+            result = fit_residual_kmeans(x, BRANCHING, iters=iters, seed=rep, backend=backend)
+            times.append(time.perf_counter() - start)
         energy = result.residual_energy[-1]
     return {"best_s": round(min(times), 3), "median_s": round(statistics.median(times), 3),
             "residual_energy": round(float(energy), 5)}
+
+
+@contextmanager
+def thread_limit(threads: int):
+    """Cap OpenMP/BLAS threads of numpy, scikit-learn and faiss alike (0: leave the defaults)."""
+    if threads <= 0:
+        yield
+        return
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def extrapolate(rows: list[dict], backend: str) -> dict:
@@ -56,7 +76,7 @@ def extrapolate(rows: list[dict], backend: str) -> dict:
     rate = max(rates)  # the slower of the two: do not flatter either backend
     n, d = IMAGENET
     return {"s_per_million_elements": round(rate, 5),
-            "predicted_s_2core": round(rate * n * d / 1e6, 1),
+            "predicted_s_this_machine": round(rate * n * d / 1e6, 1),
             "from_sizes": [f"{r['n']}x{r['d']}" for r in largest]}
 
 
@@ -65,6 +85,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--iters", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="cap threads for both backends (0: library defaults); 1 gives "
+                             "stable figures on a machine shared with other jobs")
     args = parser.parse_args()
     sizes = ([(2000, 64), (10000, 128)] if args.quick else
              [(2000, 64), (20000, 512), (50000, 512), (100000, 512), (200000, 512),
@@ -73,12 +96,13 @@ def main() -> int:
     warm = synthetic(500, 16)
     for backend in ("faiss", "sklearn"):  # imports and thread pools start outside the timings
         fit_residual_kmeans(warm, BRANCHING, iters=2, backend=backend)
+    load_before = os.getloadavg()
     rows = []
     for n, d in tqdm(sizes, desc="sizes", file=sys.stderr):
         x = synthetic(n, d)
         row = {"n": n, "d": d}
         for backend in ("faiss", "sklearn"):
-            row[backend] = time_fit(x, backend, repeats, args.iters)
+            row[backend] = time_fit(x, backend, repeats, args.iters, args.threads)
         row["faiss_speedup"] = round(row["sklearn"]["best_s"] / row["faiss"]["best_s"], 2)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)  # partial results survive a kill
@@ -88,7 +112,8 @@ def main() -> int:
     out = {
         "benchmark": "residual_kmeans",
         "branching": list(BRANCHING), "iters": args.iters, "repeats": repeats,
-        "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "cpu_count": os.cpu_count(), "machine": platform.machine(), "threads": args.threads,
+        "loadavg_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "sizes": rows,
         "imagenet_extrapolation": {
             "n": n, "d": d,

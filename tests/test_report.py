@@ -122,6 +122,7 @@ def test_other_sections_survive_a_rerun(tmp_path, digits):
     assert 'src="routing.png"' in index and "<td>0.01</td>" in index
     assert 'src="clusters_level1.png"' in index
     assert index.count("<h2>Training</h2>") == 1
+    assert 'id="level-1-clusters"' in index and 'href="#level-1-clusters"' in index
 
 
 def test_read_metrics_tolerates_a_torn_last_line_only(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,8 +63,13 @@ def _relative(report_dir: Path, image: str) -> str:
         raise ValueError(f"report image {path} is not inside {report_dir}") from None
 
 
+def _anchor(section: Section) -> str:
+    """An id attribute value without whitespace or markup characters."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", section.key or section.title).strip("-").lower()
+
+
 def _render_section(report_dir: Path, section: Section) -> str:
-    parts = [f"<section id=\"{html.escape(section.key or section.title, quote=True)}\">",
+    parts = [f"<section id=\"{_anchor(section)}\">",
              f"<h2>{html.escape(section.title)}</h2>"]
     if section.text:
         parts.append(f"<p>{html.escape(section.text)}</p>")
@@ -88,7 +94,8 @@ def write_index(report_dir: str | Path, sections: list[Section],
     report_dir = Path(report_dir)
     for section in sections:
         section.images = [_relative(report_dir, p) for p in section.images]
-    body = "\n".join(_render_section(report_dir, s) for s in sections)
+    toc = " · ".join(f"<a href=\"#{_anchor(s)}\">{html.escape(s.title)}</a>" for s in sections)
+    body = f"<nav>{toc}</nav>\n" + "\n".join(_render_section(report_dir, s) for s in sections)
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n"
             f"<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
