@@ -28,8 +28,13 @@ BRANCHING = (4, 3, 2)
 
 def write_metrics(path, knn: bool = True) -> None:
     lines = [{"event": "start", "seed": 0}]
-    for phase, epochs in [("phase0", 4), ("level1", 2), ("level2", 2), ("level3", 2)]:
+    for phase, epochs in [("phase0", 4), ("cluster", 1), ("level1", 2), ("level2", 2),
+                          ("level3", 2)]:
         for epoch in range(epochs):
+            if phase == "cluster":  # the pipeline logs its quantisation residual as a "loss"
+                lines.append({"phase": phase, "epoch": 1, "loss": 0.42, "knn_acc": None,
+                              "time": 1.5, "backend": "faiss"})
+                continue
             lines.append({"phase": phase, "epoch": epoch, "loss": -0.3 - 0.05 * epoch,
                           "knn_acc": (0.4 + 0.1 * epoch) if knn else None})
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -75,6 +80,8 @@ def test_training_report_writes_every_figure(tmp_path, digits):
     linked = set(re.findall(r'<img src="([^"]+)"', index))
     assert {p.name for p in written if p.suffix == ".png"} == linked
     assert "phase0" in index and "level3" in index  # the per-phase table
+    assert "<td>cluster</td>" not in index  # the clustering residual is not a training loss
+    assert "mean squared residual 0.4200" in index
 
 
 def test_montage_has_one_row_per_cluster(tmp_path, digits):

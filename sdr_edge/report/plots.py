@@ -40,8 +40,14 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
-def phase_series(metrics: Sequence[dict], key: str) -> dict[str, tuple[list[float], list[float]]]:
-    """Per phase (in order of appearance): epochs and values of `key`, last record wins.
+NOT_TRAINING = frozenset({"cluster", "kit", "done"})
+"""Pipeline steps that log a phase record but whose "loss" is not a training loss (the
+clustering step logs its quantisation residual there)."""
+
+
+def phase_series(metrics: Sequence[dict], key: str,
+                 exclude: frozenset[str] = NOT_TRAINING) -> dict[str, tuple[list[float], list[float]]]:
+    """Per training phase (in order of appearance): epochs and values of `key`, last one wins.
 
     A resumed run logs some epochs twice; keeping the last record per (phase, epoch) shows the
     run that produced the weights.
@@ -49,6 +55,8 @@ def phase_series(metrics: Sequence[dict], key: str) -> dict[str, tuple[list[floa
     per_phase: dict[str, dict[float, float]] = {}
     for record in metrics:
         if "phase" not in record or "epoch" not in record or record.get(key) is None:
+            continue
+        if str(record["phase"]) in exclude:
             continue
         per_phase.setdefault(str(record["phase"]), {})[float(record["epoch"])] = float(record[key])
     return {phase: (sorted(points), [points[e] for e in sorted(points)])

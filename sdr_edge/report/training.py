@@ -54,6 +54,20 @@ def _training_section(run_dir: Path, report_dir: Path) -> Section | None:
                         "then one progressive SiamKD phase per routing level).")
 
 
+def _clustering_note(run_dir: Path) -> str:
+    """What the clustering step logged (backend, quantisation residual, seconds), if anything."""
+    if not (run_dir / METRICS).is_file():
+        return ""
+    records = [r for r in read_metrics(run_dir / METRICS) if r.get("phase") == "cluster"]
+    if not records:
+        return ""
+    last = records[-1]
+    parts = [f"backend {last['backend']}" if last.get("backend") else "",
+             f"mean squared residual {last['loss']:.4f}" if last.get("loss") is not None else "",
+             f"{last['time']:.1f} s" if last.get("time") is not None else ""]
+    return " Clustering: " + ", ".join(p for p in parts if p) + "."
+
+
 def _codes_sections(run_dir: Path, report_dir: Path, images: np.ndarray | None) -> list[Section]:
     if not (run_dir / CODES).is_file():
         return []
@@ -69,7 +83,8 @@ def _codes_sections(run_dir: Path, report_dir: Path, images: np.ndarray | None) 
                       str(int((counts == 0).sum()))])
     sections = [Section("Routing codes", figures, table=table,
                         text=f"Residual k-means codes of {len(codes)} training images "
-                             f"(branching {'x'.join(map(str, branching))}).")]
+                             f"(branching {'x'.join(map(str, branching))})."
+                             + _clustering_note(run_dir))]
     if images is not None:
         montage = cluster_montage(images, codes[:, 0], report_dir / "clusters_level1.png",
                                   n_clusters=branching[0])
