@@ -34,6 +34,7 @@ class Registry:
     pubkey: Path
     log_path: Path
     cacert: Path | None = None
+    pid: int | None = None
 
     @property
     def auth(self) -> dict[str, str]:
@@ -94,7 +95,7 @@ def serve_registry(run_dir: Path, workdir: Path, extra_args: tuple[str, ...] = (
     url = f"{scheme}://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc, log_path, cacert, timeout)
-        yield Registry(url, run_dir, cache, token, pub, log_path, cacert)
+        yield Registry(url, run_dir, cache, token, pub, log_path, cacert, proc.pid)
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -178,3 +178,20 @@ def test_info_and_openapi(client):
     assert {"/healthz", "/v1/kit", "/v1/route", "/v1/subnets/{route_id}"} <= set(schema["paths"])
     body = schema["paths"]["/v1/route"]["post"]["requestBody"]["content"]["application/json"]
     assert body["schema"]["properties"]["levels"]["minItems"] == len(TINY_BRANCHING)
+
+
+def test_top_routes_agree_with_score_routes():
+    from sdr_edge.routing.signature import Signature, score_routes
+    from server.registry.scoring import TopRoutes
+
+    rng = np.random.default_rng(0)
+    top = TopRoutes((4, 3, 5))
+    for trial in range(20):
+        levels = [rng.dirichlet(np.ones(b)).tolist() for b in (4, 3, 5)]
+        if trial % 4 == 0:  # ties and zeros
+            levels[1] = [0.5, 0.5, 0.0]
+        sig = Signature((4, 3, 5), levels, 10)
+        expected = score_routes(sig)[:7]
+        got = top(sig, 7)
+        assert [r for r, _ in got] == [r for r, _ in expected]
+        assert np.allclose([s for _, s in got], [s for _, s in expected], rtol=0, atol=1e-12)

@@ -6,13 +6,18 @@ server key) and `<route-id>.tar`, the transfer archive served to clients. A per-
 concurrent first requests for one route extract it once. A cached bundle left by an earlier
 process is reused only after it verifies with this server's key and names this SDRnet's
 sha256; otherwise it is rebuilt.
+
+Small archives are also kept in memory (LRU, bounded) and served without a thread hop; each
+use re-checks the file's (mtime, size, inode) so what is served is always what is on disk.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +39,8 @@ class BundleCache:
     """Route -> path of its transfer archive, extracting and signing on first use."""
 
     def __init__(self, net: SDRnet, spec: InputSpec, key: Ed25519PrivateKey,
-                 cache_dir: str | Path, provenance: dict) -> None:
+                 cache_dir: str | Path, provenance: dict, memory_bytes: int = 256 << 20,
+                 inline_bytes: int = 8 << 20) -> None:
         self.net = net
         self.spec = spec
         self.key = key
@@ -47,6 +53,11 @@ class BundleCache:
         self._locks: dict[tuple[int, ...], threading.Lock] = {}
         self._ready: dict[tuple[int, ...], Path] = {}
         self.extractions = 0
+        self.memory_bytes = memory_bytes
+        self.inline_bytes = inline_bytes
+        self._memory: OrderedDict[tuple[int, ...], tuple[tuple[int, int, int], bytes]] = \
+            OrderedDict()
+        self._memory_used = 0
 
     def bundle_dir(self, route: tuple[int, ...]) -> Path:
         return self.cache_dir / format_route_id(route)
@@ -64,6 +75,31 @@ class BundleCache:
                 yield
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def payload(self, route: tuple[int, ...]) -> bytes | None:
+        """The ready archive's bytes from memory (re-read if the file changed); None when the
+        route is not ready yet or its archive is too big to hold (serve the file instead).
+        Call from the event loop thread only."""
+        path = self._ready.get(route)
+        if path is None:
+            return None
+        st = os.stat(path)
+        if st.st_size > self.inline_bytes:
+            return None
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        hit = self._memory.get(route)
+        if hit is not None and hit[0] == stamp:
+            self._memory.move_to_end(route)
+            return hit[1]
+        data = path.read_bytes()
+        if hit is not None:
+            self._memory_used -= len(hit[1])
+        self._memory[route] = (stamp, data)
+        self._memory_used += len(data)
+        while self._memory_used > self.memory_bytes and len(self._memory) > 1:
+            _, (_, old) = self._memory.popitem(last=False)
+            self._memory_used -= len(old)
+        return data
 
     def archive(self, route: tuple[int, ...]) -> Path:
         """Path of the route's archive; route must already be validated against the branching."""
