@@ -1,0 +1,78 @@
+"""Read a folder of images with OpenCV; class sub-folders give labels, corrupt files are counted."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from sdr_edge.data.preprocess import prepare_uint8
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+@dataclass
+class FolderScan:
+    """Images that decoded, their labels, and the files that did not decode."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    label_names: tuple[str, ...]
+    paths: list[Path]
+    skipped: list[Path] = field(default_factory=list)
+
+
+def list_image_files(root: Path) -> list[Path]:
+    """Every image file under root (recursively), sorted for reproducibility."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def decode_image(path: Path) -> np.ndarray | None:
+    """Decode an image keeping its channels (gray stays gray); None when it cannot be read."""
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError:
+        return None
+    if data.size == 0:
+        return None
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        return None
+    if image.dtype != np.uint8:  # 16-bit PNGs and the like
+        image = cv2.convertScaleAbs(image, alpha=255.0 / max(float(image.max()), 1.0))
+    return image
+
+
+def scan_folder(root: str | Path, size: int, channels: int) -> FolderScan:
+    """Load every readable image under root at size x size x channels.
+
+    Labels come from the first directory level below root when every image sits in one.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    files = list_image_files(root)
+    images, kept, skipped = [], [], []
+    for path in files:
+        image = decode_image(path)
+        if image is None:
+            skipped.append(path)
+            continue
+        images.append(prepare_uint8(image, size, channels))
+        kept.append(path)
+    if skipped:
+        log.warning("skipped %d unreadable image(s) under %s", len(skipped), root)
+    if not images:
+        raise ValueError(f"no readable image under {root} ({len(skipped)} unreadable file(s))")
+    rel = [p.relative_to(root).parts for p in kept]
+    labels, names = None, ()
+    if all(len(parts) >= 2 for parts in rel):
+        names = tuple(sorted({parts[0] for parts in rel}))
+        index = {n: i for i, n in enumerate(names)}
+        labels = np.asarray([index[parts[0]] for parts in rel], dtype=np.int64)
+    return FolderScan(np.stack(images), labels, names, kept, skipped)
