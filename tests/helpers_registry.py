@@ -37,6 +37,10 @@ class Registry:
     pid: int | None = None
 
     @property
+    def tokens_file(self) -> Path:
+        return self.pubkey.parent / "tokens.txt"
+
+    @property
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 

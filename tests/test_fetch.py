@@ -205,6 +205,15 @@ def test_token_and_keygen_commands(tmp_path, capsys):
     assert server_main(["keygen", "--out", str(tmp_path / "k")]) == 0
     assert server_main(["keygen", "--out", str(tmp_path / "k")]) == 2
     assert "--force" in capsys.readouterr().err
+    serve = ["serve", "--run", str(tmp_path / "nope"), "--tokens", str(tokens),
+             "--key", str(tmp_path / "k" / "server.key")]
+    assert server_main(serve) == 2
+    assert "--run" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert server_main([*serve[:2], str(tmp_path / "empty"), *serve[3:], "--tls-cert", "x"]) == 2
+    assert "--tls-cert and --tls-key go together" in capsys.readouterr().err
+    assert server_main([*serve[:2], str(tmp_path / "empty"), *serve[3:]]) == 2
+    assert "missing sdrnet.safetensors" in capsys.readouterr().err
 
 
 def _self_signed(folder) -> tuple:

@@ -195,3 +195,35 @@ def test_top_routes_agree_with_score_routes():
         got = top(sig, 7)
         assert [r for r, _ in got] == [r for r, _ in expected]
         assert np.allclose([s for _, s in got], [s for _, s in expected], rtol=0, atol=1e-12)
+
+
+def test_tokens_added_or_revoked_apply_without_restart(registry):
+    import time
+
+    from server.registry.auth import create_token
+
+    new = create_token(registry.tokens_file, "added-later")
+    headers = {"Authorization": f"Bearer {new}"}
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{registry.url}/v1/info", headers=headers).status_code != 200:
+        assert time.monotonic() < deadline, "new token never accepted"
+        time.sleep(0.3)
+    text = registry.tokens_file.read_text()
+    registry.tokens_file.write_text("".join(line + "\n" for line in text.splitlines()
+                                            if not line.startswith("added-later ")))
+    while httpx.get(f"{registry.url}/v1/info", headers=headers).status_code != 401:
+        assert time.monotonic() < deadline, "revoked token still accepted"
+        time.sleep(0.3)
+    assert httpx.get(f"{registry.url}/v1/info", headers=registry.auth).status_code == 200
+
+
+def test_create_app_names_what_is_missing(tmp_path):
+    from helpers_registry import make_credentials
+
+    from sdr_edge.artifacts.run_dir import RunDirError
+    from server.registry.app import create_app
+
+    key, _, tokens, _ = make_credentials(tmp_path / "creds")
+    (tmp_path / "empty-run").mkdir()
+    with pytest.raises(RunDirError, match="missing sdrnet.safetensors"):
+        create_app(tmp_path / "empty-run", tokens, key, tmp_path / "cache")

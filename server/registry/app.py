@@ -31,7 +31,7 @@ from sdr_edge.routing.signature import (
     route_signature,
     validate_signature,
 )
-from server.registry.auth import TokenStore
+from server.registry.auth import TokenFile
 from server.registry.cache import BundleCache
 from server.registry.kit import build_kit_archive
 from server.registry.limits import BodyLimitMiddleware
@@ -114,7 +114,7 @@ def create_app(run_dir: str | Path, tokens_file: str | Path, key_path: str | Pat
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """Load the run's SDRnet, tokens and signing key once; return the registry app."""
     run_dir = Path(run_dir)
-    tokens = TokenStore.load(tokens_file)
+    tokens = TokenFile(tokens_file)
     if len(tokens) == 0:
         log.warning("%s holds no tokens: every authenticated request will get 401", tokens_file)
     key = load_private_key(key_path)

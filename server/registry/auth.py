@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from sdr_edge.artifacts.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "sdr_"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
@@ -66,15 +70,41 @@ class TokenStore:
         return found
 
 
-def bearer_token(authorization: str | None) -> str | None:
-    """The token of an `Authorization: Bearer TOKEN` header, else None."""
-    if not authorization:
-        return None
-    scheme, _, token = authorization.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token or len(token) > 512:
-        return None
-    return token
+class TokenFile:
+    """A TokenStore that follows its file: tokens added or revoked take effect without a
+    restart (the file is stat-ed at most once per `interval` seconds; a malformed edit keeps
+    the previous tokens and is logged)."""
+
+    def __init__(self, path: str | Path, interval: float = 1.0) -> None:
+        self.path = Path(path)
+        self.interval = interval
+        self.store = TokenStore.load(self.path)
+        self._stamp = self._stat()
+        self._checked = time.monotonic()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def check(self, token: str) -> str | None:
+        now = time.monotonic()
+        if now - self._checked >= self.interval:
+            self._checked = now
+            stamp = self._stat()
+            if stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    self.store = TokenStore.load(self.path)
+                    log.info("reloaded %d token(s) from %s", len(self.store), self.path)
+                except (TokenFileError, OSError, UnicodeDecodeError) as exc:
+                    log.error("keeping the previous tokens: %s", exc)
+        return self.store.check(token)
 
 
 def create_token(path: str | Path, name: str) -> str:
