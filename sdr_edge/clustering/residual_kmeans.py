@@ -37,6 +37,8 @@ class ResidualKMeansResult:
     """How many empty or near-empty clusters were re-seeded at each level after the backend's fit."""
     residual_energy: list[float] = field(default_factory=list)
     """Mean squared norm of the residual after each level (1.0 before level 1: unit vectors)."""
+    iterations: list[int] = field(default_factory=list)
+    """Lloyd iterations the backend ran at each level (fewer than `iters` once converged)."""
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -183,7 +185,7 @@ def seed_centroids(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.ascontiguousarray(centres, dtype=np.float32)
 
 
-def _fit_faiss(x: np.ndarray, init: np.ndarray, iters: int, seed: int) -> np.ndarray:
+def _fit_faiss(x: np.ndarray, init: np.ndarray, iters: int, seed: int) -> tuple[np.ndarray, int]:
     import faiss
 
     k = len(init)
@@ -191,16 +193,16 @@ def _fit_faiss(x: np.ndarray, init: np.ndarray, iters: int, seed: int) -> np.nda
                       min_points_per_centroid=1,
                       max_points_per_centroid=math.ceil(len(x) / k) + 1)  # no hidden subsampling
     km.train(x, init_centroids=init)
-    return np.asarray(km.centroids, dtype=np.float32)
+    return np.asarray(km.centroids, dtype=np.float32), len(km.obj)
 
 
-def _fit_sklearn(x: np.ndarray, init: np.ndarray, iters: int, seed: int) -> np.ndarray:
+def _fit_sklearn(x: np.ndarray, init: np.ndarray, iters: int, seed: int) -> tuple[np.ndarray, int]:
     from sklearn.cluster import KMeans
 
     km = KMeans(n_clusters=len(init), init=init, n_init=1, max_iter=iters, random_state=seed,
                 algorithm="lloyd")
-    km.fit(x)
-    return np.asarray(km.cluster_centers_, dtype=np.float32)
+    km.fit(x)  # stops early once no point changes cluster
+    return np.asarray(km.cluster_centers_, dtype=np.float32), int(km.n_iter_)
 
 
 _FITTERS = {"faiss": _fit_faiss, "sklearn": _fit_sklearn}
@@ -222,13 +224,14 @@ def choose_backend(n: int, d: int) -> str:
 
 
 def fit_level(x: np.ndarray, k: int, *, iters: int, seed: int, backend: str,
-              sample: int | None = None) -> np.ndarray:
-    """Centroids of one level: the backend's k-means, on at most `sample` rows of `x`."""
+              sample: int | None = None) -> tuple[np.ndarray, int]:
+    """Centroids of one level and the Lloyd iterations run: the backend's k-means from greedy
+    k-means++ seeds, on at most `sample` rows of `x`."""
     if sample is not None and sample < len(x):
         rows = np.sort(np.random.default_rng(seed).choice(len(x), size=sample, replace=False))
         x = x[rows]
     if k == 1:
-        return x.mean(axis=0, keepdims=True, dtype=np.float64).astype(np.float32)
+        return x.mean(axis=0, keepdims=True, dtype=np.float64).astype(np.float32), 0
     return _FITTERS[backend](x, seed_centroids(x, k, seed), iters, seed)
 
 
@@ -266,8 +269,9 @@ def fit_residual_kmeans(embeddings: np.ndarray, branching: Sequence[int], *, ite
     codes = np.empty((len(residual), len(branching)), dtype=np.int64)
     reseeded: list[int] = []
     energy: list[float] = []
+    iterations: list[int] = []
     for r, k in enumerate(branching):
-        centroids = fit_level(residual, int(k), iters=iters, seed=seed + r, backend=backend,
+        centroids, n_iter = fit_level(residual, int(k), iters=iters, seed=seed + r, backend=backend,
                               sample=sample)
         min_size = max(1, math.ceil(min_cluster_share * len(residual) / int(k)))
         centroids, n_split = repair_small_clusters(residual, centroids, min_size)
@@ -275,12 +279,14 @@ def fit_residual_kmeans(embeddings: np.ndarray, branching: Sequence[int], *, ite
         codebooks.append(centroids)
         codes[:, r] = level_codes
         reseeded.append(n_split + n_reseeded)
+        iterations.append(n_iter)
         _subtract(residual, centroids, level_codes)
         energy.append(float(np.einsum("nd,nd->", residual, residual, dtype=np.float64)
                             / len(residual)))
     sizes = [np.bincount(codes[:, r], minlength=int(k)).tolist() for r, k in enumerate(branching)]
     return ResidualKMeansResult(codebooks=codebooks, codes=codes, sizes=sizes, backend=backend,
-                                reseeded=reseeded, residual_energy=energy)
+                                reseeded=reseeded, residual_energy=energy,
+                                iterations=iterations)
 
 
 def _subtract(residual: np.ndarray, centroids: np.ndarray, codes: np.ndarray) -> None:
