@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
         result = train(cfg, args.out, unified=args.unified)
     except (ConfigError, RunConflictError) as exc:
         raise CommandError(str(exc)) from None
+    if result.rank != 0:
+        return 0
     if result.already_done:
         print(f"{result.run_dir}: this {result.kind} run is already complete; nothing to do")
     else:

@@ -24,8 +24,27 @@ def default_level_stages(num_stages: int, levels: int) -> tuple[int, ...]:
     return tuple(num_stages - 1 - r for r in range(levels))
 
 
+class _PermuteRows(torch.autograd.Function):
+    """x[perm] whose backward is the inverse gather (autograd's generic index_select backward
+    scatters with index_add, which costs more than a gather)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 class RoutedStage(nn.Module):
-    """B expert copies of one stage; each keeps its own BatchNorm statistics."""
+    """B expert copies of one stage; each keeps its own BatchNorm statistics.
+
+    A mixed batch is sorted by digit once, split into contiguous per-expert chunks, and the
+    outputs are put back in the original order: two gathers and one host sync per stage.
+    """
 
     def __init__(self, experts: Sequence[nn.Module]) -> None:
         super().__init__()
@@ -35,17 +54,13 @@ class RoutedStage(nn.Module):
         first = int(digits[0])
         if bool((digits == first).all()):
             return self.experts[first](x)
-        out: torch.Tensor | None = None
-        for b, expert in enumerate(self.experts):
-            idx = (digits == b).nonzero(as_tuple=True)[0]
-            if idx.numel() == 0:
-                continue
-            y = expert(x.index_select(0, idx))
-            if out is None:
-                out = y.new_empty((x.shape[0], *y.shape[1:]))
-            out.index_copy_(0, idx, y)
-        assert out is not None
-        return out
+        order = torch.argsort(digits, stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        counts = torch.bincount(digits, minlength=len(self.experts)).tolist()
+        chunks = _PermuteRows.apply(x, order, inverse).split(counts)
+        outs = [self.experts[b](chunk) for b, chunk in enumerate(chunks) if counts[b]]
+        return _PermuteRows.apply(torch.cat(outs), inverse, order)
 
 
 class SDRnet(nn.Module):

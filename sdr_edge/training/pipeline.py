@@ -73,6 +73,7 @@ class TrainResult:
     skipped_images: int
     num_images: int
     seconds: float
+    rank: int = 0
 
 
 def split_indices(n: int, has_labels: bool, val_fraction: float, seed: int
@@ -355,10 +356,12 @@ class Trainer:
         if self._past(KIT):
             return
         if self.cfg.kit.epochs < 1:
-            log.info("[kit] epochs = 0: no signature kit in this run")
+            if self.env.is_main:
+                log.info("[kit] epochs = 0: no signature kit in this run")
             self.metrics.event("kit_skipped", reason="[kit] epochs = 0")
         elif importlib.util.find_spec("sdr_edge.routing.kit") is None:
-            log.warning("sdr_edge.routing.kit is not installed: no signature kit in this run")
+            if self.env.is_main:
+                log.warning("sdr_edge.routing.kit is not installed: no signature kit in this run")
             self.metrics.event("kit_skipped", reason="sdr_edge.routing.kit not available")
         elif self.env.is_main:
             from sdr_edge.routing.kit import train_signature_kit
@@ -407,7 +410,8 @@ class Trainer:
         self.env.barrier()
         if done:
             skipped = json.loads((self.run_dir / rd.MANIFEST).read_text()).get("skipped_images", 0)
-            return TrainResult(self.run_dir, self.kind, False, True, int(skipped), 0, 0.0)
+            return TrainResult(self.run_dir, self.kind, False, True, int(skipped), 0, 0.0,
+                               self.env.rank)
         self._load_data()
         torch.manual_seed(self.cfg.train.seed)
         np.random.seed(self.cfg.train.seed % (2**32))
@@ -452,7 +456,7 @@ class Trainer:
         self._checkpoint(DONE, 0)
         self.env.barrier()
         return TrainResult(self.run_dir, self.kind, resumed, False, len(self.source.skipped),
-                           len(self.images), time.perf_counter() - t0)
+                           len(self.images), time.perf_counter() - t0, self.env.rank)
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, *, unified: bool = False,

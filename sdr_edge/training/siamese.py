@@ -69,6 +69,7 @@ def make_optimizer(model: SiameseNet, ssl: SSLConfig, global_batch: int) -> torc
     return torch.optim.SGD(
         [{"params": rest, "fix_lr": False}, {"params": pred, "fix_lr": True}],
         lr=lr, momentum=ssl.momentum, weight_decay=ssl.weight_decay,
+        foreach=True,  # one fused update over all tensors: SDRnets hold many expert tensors
     )
 
 
