@@ -9,6 +9,7 @@ import json
 import tarfile
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from cryptography import x509
@@ -51,6 +52,7 @@ def assert_nothing_left(out):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
+@pytest.mark.slow
 def test_fetched_bundle_verifies_and_equals_the_extracted_subnet(registry, tmp_path, capsys):
     sig_path = tmp_path / "signature.json"
     sig_path.write_text(json.dumps(SIG))
@@ -67,6 +69,7 @@ def test_fetched_bundle_verifies_and_equals_the_extracted_subnet(registry, tmp_p
         assert not torch.allclose(bundle.model(x), net.extract((0, 3, 0, 3)).eval()(x))
 
 
+@pytest.mark.slow
 def test_kit_signature_route_and_fetch_end_to_end(registry, tmp_path):
     from sdr_edge.data.sources import load_source
     from sdr_edge.routing.kit_runtime import compute_signature
@@ -89,6 +92,7 @@ def _tamper_cached_archive(registry, route_id: str, edit) -> None:
     path.write_bytes(pack_files(files))
 
 
+@pytest.mark.slow
 def test_flipped_byte_is_refused_and_nothing_is_written(registry, tmp_path, capsys):
     route_id = "0-1-2-3"
     assert fetch_cli(registry, tmp_path / "first", "--route", route_id) == 0  # fills the cache
@@ -106,6 +110,7 @@ def test_flipped_byte_is_refused_and_nothing_is_written(registry, tmp_path, caps
     assert_nothing_left(out)
 
 
+@pytest.mark.slow
 def test_unsigned_or_extra_file_or_wrong_key_is_refused(registry, tmp_path, capsys):
     route_id = "3-3-3-3"
     assert fetch_cli(registry, tmp_path / "first", "--route", route_id) == 0
@@ -126,6 +131,7 @@ def test_unsigned_or_extra_file_or_wrong_key_is_refused(registry, tmp_path, caps
     assert_nothing_left(tmp_path / "o3")
 
 
+@pytest.mark.slow
 def test_fetch_errors_are_clear(registry, tmp_path, capsys):
     assert client_main(["fetch", "--server", registry.url, "--token", "sdr_nope", "--route",
                         "0-0-0-0", "--pubkey", str(registry.pubkey),
@@ -254,3 +260,32 @@ def test_tls_serving_with_a_self_signed_certificate(tmp_path_factory, tmp_path, 
         assert_nothing_left(tmp_path / "c")
         with pytest.raises(httpx.HTTPError):
             httpx.get(reg.url.replace("https://", "http://") + "/healthz", timeout=5)
+
+
+def test_top_routes_agree_with_score_routes():
+    from sdr_edge.routing.signature import Signature, score_routes
+    from server.registry.scoring import TopRoutes
+
+    rng = np.random.default_rng(0)
+    top = TopRoutes((4, 3, 5))
+    for trial in range(20):
+        levels = [rng.dirichlet(np.ones(b)).tolist() for b in (4, 3, 5)]
+        if trial % 4 == 0:  # ties and zeros
+            levels[1] = [0.5, 0.5, 0.0]
+        sig = Signature((4, 3, 5), levels, 10)
+        expected = score_routes(sig)[:7]
+        got = top(sig, 7)
+        assert [r for r, _ in got] == [r for r, _ in expected]
+        assert np.allclose([s for _, s in got], [s for _, s in expected], rtol=0, atol=1e-12)
+
+
+def test_create_app_names_what_is_missing(tmp_path):
+    from helpers_registry import make_credentials
+
+    from sdr_edge.artifacts.run_dir import RunDirError
+    from server.registry.app import create_app
+
+    key, _, tokens, _ = make_credentials(tmp_path / "creds")
+    (tmp_path / "empty-run").mkdir()
+    with pytest.raises(RunDirError, match="missing sdrnet.safetensors"):
+        create_app(tmp_path / "empty-run", tokens, key, tmp_path / "cache")

@@ -16,6 +16,7 @@ from helpers_rundir import TINY_BRANCHING, shared_tiny_run
 from sdr_edge.routing.signature import route_signature, validate_signature
 
 MAX_BODY = 4096
+pytestmark = pytest.mark.slow  # every test here talks to a real server process
 
 
 def signature(levels=None, **extra) -> dict:
@@ -180,23 +181,6 @@ def test_info_and_openapi(client):
     assert body["schema"]["properties"]["levels"]["minItems"] == len(TINY_BRANCHING)
 
 
-def test_top_routes_agree_with_score_routes():
-    from sdr_edge.routing.signature import Signature, score_routes
-    from server.registry.scoring import TopRoutes
-
-    rng = np.random.default_rng(0)
-    top = TopRoutes((4, 3, 5))
-    for trial in range(20):
-        levels = [rng.dirichlet(np.ones(b)).tolist() for b in (4, 3, 5)]
-        if trial % 4 == 0:  # ties and zeros
-            levels[1] = [0.5, 0.5, 0.0]
-        sig = Signature((4, 3, 5), levels, 10)
-        expected = score_routes(sig)[:7]
-        got = top(sig, 7)
-        assert [r for r, _ in got] == [r for r, _ in expected]
-        assert np.allclose([s for _, s in got], [s for _, s in expected], rtol=0, atol=1e-12)
-
-
 def test_tokens_added_or_revoked_apply_without_restart(registry):
     import time
 
@@ -216,14 +200,3 @@ def test_tokens_added_or_revoked_apply_without_restart(registry):
         time.sleep(0.3)
     assert httpx.get(f"{registry.url}/v1/info", headers=registry.auth).status_code == 200
 
-
-def test_create_app_names_what_is_missing(tmp_path):
-    from helpers_registry import make_credentials
-
-    from sdr_edge.artifacts.run_dir import RunDirError
-    from server.registry.app import create_app
-
-    key, _, tokens, _ = make_credentials(tmp_path / "creds")
-    (tmp_path / "empty-run").mkdir()
-    with pytest.raises(RunDirError, match="missing sdrnet.safetensors"):
-        create_app(tmp_path / "empty-run", tokens, key, tmp_path / "cache")

@@ -18,6 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
+pytestmark = pytest.mark.slow  # a real server process
+
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
