@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8-target", choices=("cpu", "tensorrt"), default="cpu",
                    help="int8 activations: uint8 asymmetric for ONNX Runtime on CPUs (default), "
                    "int8 symmetric for TensorRT")
+    p.add_argument("--int8-quantize-all", action="store_true",
+                   help="also quantize the first and last weighted layer (kept fp32 by default)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="override the check's bound (fp32/fp16 error, int8 min agreement)")
     p.add_argument("--seed", type=int, default=0, help="seed for image subsets")
@@ -64,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision, batch=args.batch, opset=args.opset,
         calib_images=args.calib_images, calib_source=args.calib_source,
         calib_limit=args.calib_limit, eval_source=args.eval_source, eval_limit=args.eval_limit,
-        int8_target=args.int8_target, tolerance=args.tolerance, seed=args.seed,
+        int8_target=args.int8_target, int8_quantize_all=args.int8_quantize_all,
+        tolerance=args.tolerance, seed=args.seed,
         progress=not args.no_progress,
     )
     try:

@@ -58,6 +58,7 @@ class ExportOptions:
     eval_source: str | None = None
     eval_limit: int = 1000
     int8_target: str = "cpu"
+    int8_quantize_all: bool = False  # default keeps the first and last weighted layer in fp32
     tolerance: float | None = None
     seed: int = 0
     progress: bool = True
@@ -206,7 +207,9 @@ def export_model(model: SubnetModel, spec: InputSpec, route: tuple[int, ...], ou
             calib_x = normalize_batch(calib.images, spec)  # type: ignore[union-attr]
             extra["int8"] = quantize_int8(fp32, stage / "int8.onnx", calib_x, INPUT_NAME,
                                           opts.int8_target, batch=opts.batch or 32,
-                                          fixed_batch=opts.batch is not None, workdir=stage)
+                                          fixed_batch=opts.batch is not None,
+                                          keep_first_last_fp32=not opts.int8_quantize_all,
+                                          workdir=stage)
             candidate = stage / "int8.onnx"
             extra["int8"]["quantized_ops"] = quantized_op_counts(candidate)
         bar.update()
