@@ -11,6 +11,7 @@ COMMANDS = {
     "serve": "server.serve_cmd",
     "route-eval": "server.route_eval_cmd",
     "bench": "server.bench_cmd",
+    "fleet-keys": "server.fleet_cmd",
 }
 
 

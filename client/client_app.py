@@ -1,0 +1,55 @@
+"""The Flower ClientApp: signature query, local fine-tuning and evaluation on a SuperNode.
+
+Handlers are thin: the work is in `sdr_edge.federated.client_tasks`. A node whose local data
+is missing, empty or unreadable answers with an error reply naming the problem, so the
+server logs it and goes on instead of waiting for the round timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from sdr_edge.federated.client_tasks import evaluate_task, query_task, train_task
+from sdr_edge.federated.node_data import NodeDataError
+
+log = logging.getLogger(__name__)
+
+# Flower reserves 0-8 for its own errors; ours say the node refused the task on purpose.
+NODE_DATA_ERROR = 100
+NODE_TASK_ERROR = 101
+
+app = ClientApp()
+
+
+def _reply(task: Callable[[RecordDict, dict], RecordDict], msg: Message,
+           context: Context) -> Message:
+    try:
+        return Message(task(msg.content, dict(context.node_config)), reply_to=msg)
+    except NodeDataError as exc:
+        log.error("%s refused: %s", msg.metadata.message_type, exc)
+        return Message(Error(NODE_DATA_ERROR, f"node data error: {exc}"), reply_to=msg)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        log.error("%s failed: %s", msg.metadata.message_type, exc)
+        return Message(Error(NODE_TASK_ERROR, f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Reply with this node's signature (computed with the local kit) and image count."""
+    return _reply(query_task, msg, context)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Fine-tune the received sub-net + head; reply with weights and num-examples."""
+    return _reply(train_task, msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Reply with loss and accuracy on this node's held-out split."""
+    return _reply(evaluate_task, msg, context)

@@ -1,0 +1,111 @@
+"""What a node does for each Flower message: query (signature), train, evaluate.
+
+Each task takes the received RecordDict and the node's `node_config` and returns the reply's
+RecordDict, or raises `NodeDataError` / `ValueError` with a message for the server. The
+ClientApp turns those into error replies, so the server logs the reason instead of waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from functools import lru_cache
+
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from sdr_edge.federated.local import LocalTrainConfig, evaluate_local, train_local
+from sdr_edge.federated.node_data import NodeData, NodeDataConfig, NodeDataError, load_node_data
+from sdr_edge.federated.records import arrays_into_model, model_from_config, model_to_arrays
+
+log = logging.getLogger(__name__)
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SIGNATURE = "signature"
+NUM_EXAMPLES = "num-examples"
+
+
+@lru_cache(maxsize=4)
+def _cached_node_data(cfg: NodeDataConfig, image_size: int, channels: int,
+                      need_labels: bool) -> NodeData:
+    return load_node_data(cfg, image_size, channels, need_labels)
+
+
+def node_data(node_config: Mapping[str, object], image_size: int, channels: int,
+              need_labels: bool = True) -> NodeData:
+    """The node's data, loaded once per process (a ClientApp process may serve many rounds)."""
+    return _cached_node_data(NodeDataConfig.from_node_config(node_config), image_size, channels,
+                             need_labels)
+
+
+def _config(content: RecordDict) -> ConfigRecord:
+    if CONFIG not in content.config_records:
+        raise ValueError(f"message carries no {CONFIG!r} ConfigRecord")
+    return content.config_records[CONFIG]
+
+
+def query_task(content: RecordDict, node_config: Mapping[str, object]) -> RecordDict:
+    """The node's signature over all its local images, computed with the local kit."""
+    from sdr_edge.routing.kit_runtime import KitError, KitRunner, compute_signature
+
+    cfg = NodeDataConfig.from_node_config(node_config)
+    if not cfg.kit_dir:
+        raise NodeDataError("node config has no 'kit-dir' (the signature kit fetched from the "
+                            "registry, or RUN_DIR/kit)")
+    try:
+        runner = KitRunner(cfg.kit_dir)
+    except (KitError, OSError, KeyError) as exc:
+        raise NodeDataError(f"signature kit {cfg.kit_dir!r} is unusable: {exc}") from exc
+    data = node_data(node_config, runner.spec.image_size, runner.spec.channels, need_labels=False)
+    eps = node_config.get("dp-epsilon")
+    signature = compute_signature(runner, data.all_images(),
+                                  dp_epsilon=float(eps) if eps not in (None, "", 0) else None)
+    labels = data.train.label_names or ()
+    log.info("signature of %d local images (%s)", signature.count, cfg.data)
+    return RecordDict({
+        SIGNATURE: ConfigRecord({"signature": signature.to_json(),
+                                 "label-names": json.dumps(list(labels)),
+                                 "data": data.train.name.rsplit(":", 1)[0]}),
+        METRICS: MetricRecord({NUM_EXAMPLES: int(signature.count),
+                               "num-classes": int(data.num_classes),
+                               "skipped": len(data.skipped)}),
+    })
+
+
+def train_config(config: Mapping[str, object]) -> LocalTrainConfig:
+    """The round's local recipe from the server's ConfigRecord."""
+    return LocalTrainConfig(
+        epochs=int(config.get("local-epochs", 1)),  # type: ignore[arg-type]
+        lr=float(config.get("lr", 0.05)),  # type: ignore[arg-type]
+        batch_size=int(config.get("batch-size", 32)),  # type: ignore[arg-type]
+        mode=str(config.get("fine-tune", "full")),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+        seed=int(config.get("server-round", 0)),  # type: ignore[arg-type]
+    )
+
+
+def train_task(content: RecordDict, node_config: Mapping[str, object]) -> RecordDict:
+    """Fine-tune the received sub-net + head on the node's training split."""
+    config = _config(content)
+    model, spec = model_from_config(config)
+    arrays_into_model(model, content.array_records[ARRAYS])
+    data = node_data(node_config, spec.image_size, spec.channels)
+    result = train_local(model, data.train.images, data.train.labels, spec, train_config(config),
+                         progress=f"round {config.get('server-round', '?')}")
+    return RecordDict({ARRAYS: model_to_arrays(model),
+                       METRICS: MetricRecord({"train-loss": float(result.loss),
+                                              NUM_EXAMPLES: int(result.num_examples)})})
+
+
+def evaluate_task(content: RecordDict, node_config: Mapping[str, object]) -> RecordDict:
+    """Loss and accuracy of the received model on the node's held-out split."""
+    config = _config(content)
+    model, spec = model_from_config(config)
+    arrays_into_model(model, content.array_records[ARRAYS])
+    data = node_data(node_config, spec.image_size, spec.channels)
+    result = evaluate_local(model, data.test.images, data.test.labels, spec)
+    return RecordDict({METRICS: MetricRecord({"eval-loss": float(result.loss),
+                                              "eval-accuracy": float(result.accuracy),
+                                              NUM_EXAMPLES: int(result.num_examples)})})
