@@ -1,0 +1,1 @@
+"""End-to-end measurements that answer the project's questions (the paper's claim)."""
