@@ -9,6 +9,7 @@ from sklearn.metrics import adjusted_rand_score
 from sdr_edge.clustering import (
     ClusteringError,
     assign_codes,
+    choose_backend,
     fit_residual_kmeans,
     reseed_empty_clusters,
 )
@@ -138,3 +139,16 @@ def test_unknown_backend_and_mismatched_codebook():
         fit_residual_kmeans(x, (2,), backend="cuml")
     with pytest.raises(ClusteringError, match="level 0 has shape"):
         assign_codes(x, [np.zeros((4, 8), np.float32)])
+
+
+def test_auto_backend_follows_the_measurements(monkeypatch):
+    from sdr_edge.clustering import residual_kmeans
+
+    gib = 2**30
+    monkeypatch.setattr(residual_kmeans, "_physical_memory", lambda: 64 * gib)
+    assert choose_backend(1797, 64) == "sklearn"  # measured faster
+    assert choose_backend(1_281_167, 2048) == "sklearn"  # 29 GiB fits in 0.8 x 64 GiB
+    monkeypatch.setattr(residual_kmeans, "_physical_memory", lambda: 32 * gib)
+    assert choose_backend(1_281_167, 2048) == "faiss"  # only faiss's 20 GiB fits
+    x, _, _ = hierarchical_blobs(per_cell=5)
+    assert fit_residual_kmeans(x, (2,)).backend == "sklearn"

@@ -11,6 +11,8 @@ from the saved codebooks equal the codes the experts were trained on.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -198,29 +200,44 @@ def _fit_faiss(x: np.ndarray, init: np.ndarray, iters: int, seed: int) -> tuple[
 
 def _fit_sklearn(x: np.ndarray, init: np.ndarray, iters: int, seed: int) -> tuple[np.ndarray, int]:
     from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
 
     km = KMeans(n_clusters=len(init), init=init, n_init=1, max_iter=iters, random_state=seed,
                 algorithm="lloyd")
-    km.fit(x)  # stops early once no point changes cluster
+    with warnings.catch_warnings():  # duplicate points: reseed_empty_clusters deals with it
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        km.fit(x)  # stops early once no point changes cluster
     return np.asarray(km.cluster_centers_, dtype=np.float32), int(km.n_iter_)
 
 
 _FITTERS = {"faiss": _fit_faiss, "sklearn": _fit_sklearn}
 
 
-def choose_backend(n: int, d: int) -> str:
-    """The backend to use for `n` points of dimension `d`.
-
-    Measured with benchmarks/clustering_speed.py (2-core CPU, branching 4x4x4x4, 25 iters):
-    faiss is faster than scikit-learn at every size measured, from 2k x 64 to 200k x 512 and
-    50k x 2048, so faiss whenever it imports; scikit-learn is the fallback.
-    """
-    del n, d  # the measured winner does not change with size; kept for a future crossover
+def _physical_memory() -> int | None:
     try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return "sklearn"
-    return "faiss"
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def choose_backend(n: int, d: int) -> str:
+    """The faster backend for `n` x `d` embeddings, from benchmarks/clustering_speed.py.
+
+    Measured (2-core shared CPU, branching 4x4x4x4, 25 iterations, same greedy k-means++ seeds):
+    one thread each, scikit-learn used 10-16 % less CPU than faiss from 20k to 200k x 512 and
+    the same at 50k x 2048; with both cores, faiss took 4x longer than scikit-learn at 20k x 512
+    (its OpenMP threads spin between calls when the cores are busy). So scikit-learn, except
+    when its extra centred copy of the data would not fit in memory while faiss (no copy) would.
+    """
+    need_sklearn, need_faiss = 3 * n * d * 4, 2 * n * d * 4  # bytes: input, residual (+ copy)
+    memory = _physical_memory()
+    if memory is not None and need_sklearn > 0.8 * memory >= need_faiss:
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            return "sklearn"
+        return "faiss"
+    return "sklearn"
 
 
 def fit_level(x: np.ndarray, k: int, *, iters: int, seed: int, backend: str,
