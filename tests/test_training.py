@@ -53,6 +53,8 @@ def test_shipped_configs_load(name):
      "5 levels need at least as many backbone stages"),
     ("[model]\npreset = \"vgg\"\n", "\\[model\\]: unknown backbone preset"),
     ("[ssl]\nkd_weight = 2\n", "kd_weight must lie in"),
+    ("[train]\namp = 1\n", "\\[train\\] amp must be true or false"),
+    ("[augment]\ncrop_min = 0\n", "\\[augment\\] need 0 < crop_min"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, text, message):
     path = tmp_path / "bad.toml"
@@ -180,7 +182,7 @@ def test_tiny_sdr_run_produces_every_artifact(tiny_run):
     assert all(np.isfinite(m["loss"]) and m["time"] >= 0 for m in metrics if "loss" in m
                and m["loss"] is not None)
     last = [m for m in metrics if m.get("phase") == "level_4" and m.get("knn_acc") is not None]
-    assert last and last[-1]["knn_acc"] > 0.4
+    assert last and last[-1]["knn_acc"] > 0.6
     skipped = [m for m in metrics if m.get("event") == "skipped_images"]
     assert skipped == [{"event": "skipped_images", "count": 0, "paths": [], "truncated": False}]
     config_text = (out / rd.CONFIG).read_text()
@@ -218,22 +220,27 @@ def test_unified_baseline_run(tmp_path):
     metrics = read_metrics(out)
     unified = [m for m in metrics if m.get("phase") == "unified"]
     assert len(unified) == cfg.total_epochs  # same total epochs as the SDR run
-    assert unified[-1]["knn_acc"] > 0.4
+    assert unified[-1]["knn_acc"] > 0.6
     if (out / rd.REPORT_DIR).is_dir():
         assert (out / rd.REPORT_DIR / "loss.png").is_file()
 
 
-def test_cli_errors_are_one_line(tmp_path):
-    proc = run_train("--config", tmp_path / "missing.toml", "--out", tmp_path / "o",
-                     timeout=120)
-    assert proc.returncode == 2 and "config file not found" in proc.stderr
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from server.cli import main
+
+    def train(*args) -> tuple[int, str]:
+        code = main(["train", *map(str, args)])
+        return code, capsys.readouterr().err
+
+    code, err = train("--config", tmp_path / "missing.toml", "--out", tmp_path / "o")
+    assert code == 2 and "config file not found" in err
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "precious.txt").write_text("keep me")
-    proc = run_train("--config", TINY, "--out", busy, timeout=120)
-    assert proc.returncode == 2 and "not empty" in proc.stderr
+    code, err = train("--config", TINY, "--out", busy)
+    assert code == 2 and "not empty" in err
     assert (busy / "precious.txt").read_text() == "keep me"
     empty = tmp_path / "empty_src"
     empty.mkdir()
-    proc = run_train("--config", TINY, "--out", tmp_path / "o2", "--data", empty, timeout=120)
-    assert proc.returncode == 2 and "no readable image" in proc.stderr
+    code, err = train("--config", TINY, "--out", tmp_path / "o2", "--data", empty)
+    assert code == 2 and "no readable image" in err and "empty_src" in err

@@ -16,6 +16,7 @@ from typing import Any
 
 import tomli_w
 
+from sdr_edge.data.augment import AugmentConfig
 from sdr_edge.models.resnet import BackboneConfig
 from sdr_edge.models.sdrnet import default_level_stages
 
@@ -92,16 +93,34 @@ class KitConfig:
 
 
 @dataclass(frozen=True)
+class AugmentSection:
+    """SimSiam view strengths: crop area range, horizontal flips (off for digits or text),
+    brightness/contrast jitter and the chance of a blur."""
+
+    crop_min: float = 0.3
+    crop_max: float = 1.0
+    flip: bool = True
+    jitter: float = 0.4
+    blur_p: float = 0.5
+
+    def to_augment_config(self) -> AugmentConfig:
+        return AugmentConfig(crop_scale=(self.crop_min, self.crop_max), flip=self.flip,
+                             brightness=self.jitter, contrast=self.jitter, blur_p=self.blur_p)
+
+
+@dataclass(frozen=True)
 class TrainSection:
     """Seed, device, CPU threads, and how often the kNN monitor runs (0: never).
 
     `threads` sets torch's intra-op threads (0 keeps torch's default). Small models on a shared
     CPU run far faster with 1: OpenMP threads spin-wait on each other when the cores are busy.
+    `amp` runs forward passes under bfloat16 autocast on CUDA (ignored on CPU).
     """
 
     seed: int = 0
     device: str = "auto"
     threads: int = 0
+    amp: bool = False
     knn_every: int = 1
     knn_max: int = 20000
 
@@ -118,6 +137,7 @@ class TrainConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     kit: KitConfig = field(default_factory=KitConfig)
     train: TrainSection = field(default_factory=TrainSection)
+    augment: AugmentSection = field(default_factory=AugmentSection)
 
     def backbone_config(self) -> BackboneConfig:
         overrides = {k: v for k, v in (("widths", self.model.widths), ("blocks", self.model.blocks),
@@ -157,6 +177,7 @@ class TrainConfig:
 _TABLE_TYPES = {
     "data": DataConfig, "model": ModelConfig, "routing": RoutingConfig, "ssl": SSLConfig,
     "schedule": ScheduleConfig, "cluster": ClusterConfig, "kit": KitConfig, "train": TrainSection,
+    "augment": AugmentSection,
 }  # fmt: skip
 
 
@@ -175,6 +196,10 @@ def _coerce(table: str, key: str, value: Any, annotation: str) -> Any:
     if "int" in annotation:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if annotation == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
         return value
     if "str" in annotation:
         if not isinstance(value, str):
@@ -239,6 +264,11 @@ def validate(cfg: TrainConfig) -> None:
            f"[train] device must be auto, cpu or cuda, got {cfg.train.device!r}")
     _check(cfg.train.knn_every >= 0, "[train] knn_every must be >= 0")
     _check(cfg.train.threads >= 0, "[train] threads must be >= 0")
+    a = cfg.augment
+    _check(0.0 < a.crop_min <= a.crop_max <= 1.0,
+           f"[augment] need 0 < crop_min <= crop_max <= 1, got {a.crop_min}, {a.crop_max}")
+    _check(0.0 <= a.jitter < 1.0, f"[augment] jitter must lie in [0, 1), got {a.jitter}")
+    _check(0.0 <= a.blur_p <= 1.0, f"[augment] blur_p must lie in [0, 1], got {a.blur_p}")
     _check(cfg.train.knn_max >= 1, "[train] knn_max must be >= 1")
     bb = cfg.backbone_config()
     if r.level_stages is not None:

@@ -56,12 +56,14 @@ def make_views(plan: EpochPlan, idx: np.ndarray, g: torch.Generator, device: tor
 def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, plan: EpochPlan, epoch: int,
                 num_epochs: int, base_lr: float, env: DistEnv, *, codes: torch.Tensor | None = None,
                 teacher: FrozenTeacher | None = None, kd_weight: float = 0.0,
-                desc: str = "") -> dict[str, float]:
+                amp: bool = False, desc: str = "") -> dict[str, float]:
     """One pass of SimSiam (or SiamKD when a teacher is given) over the plan's images.
 
     `model` is a SiameseNet, possibly DDP-wrapped; `codes` (N x R, indexed like `images`)
-    routes an SDRnet encoder. Returns the rank-averaged mean loss and the epoch's throughput.
+    routes an SDRnet encoder. `amp` enables bfloat16 autocast (CUDA only). Returns the
+    rank-averaged mean loss and the epoch's throughput.
     """
+    autocast = amp and env.device.type == "cuda"
     rng = np.random.default_rng(epoch_seed(plan.seed, plan.phase_id, epoch))
     perm = plan.train_index[rng.permutation(len(plan.train_index))]
     batches = rank_batches(perm, plan.global_batch, env)
@@ -76,11 +78,14 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, plan: EpochPlan, e
         set_cosine_lr(opt, base_lr, epoch * len(batches) + step, num_epochs * len(batches))
         x1, x2 = make_views(plan, idx, g, env.device)
         batch_codes = None if codes is None else codes[torch.from_numpy(idx)].to(env.device)
-        p1, p2, z1, z2 = model(x1, x2, batch_codes)
-        if teacher is None:
-            loss = simsiam_loss(p1, p2, z1, z2)
-        else:
-            loss = siamkd_loss(p1, p2, z1, z2, teacher(x1), teacher(x2), kd_weight)
+        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=autocast):
+            p1, p2, z1, z2 = model(x1, x2, batch_codes)
+            if teacher is None:
+                loss = simsiam_loss(p1.float(), p2.float(), z1.float(), z2.float())
+            else:
+                t1, t2 = teacher(x1).float(), teacher(x2).float()
+                loss = siamkd_loss(p1.float(), p2.float(), z1.float(), z2.float(), t1, t2,
+                                   kd_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -184,7 +184,7 @@ class Trainer:
 
     def _plan(self, phase_id: int) -> EpochPlan:
         return EpochPlan(self.images, self.train_index, self.spec, self.global_batch,
-                         self.cfg.train.seed, phase_id)
+                         self.cfg.train.seed, phase_id, self.cfg.augment.to_augment_config())
 
     # ----- generic phase ------------------------------------------------------------------
 
@@ -217,7 +217,7 @@ class Trainer:
             t0 = time.perf_counter()
             stats = train_epoch(wrapped, opt, plan, epoch, epochs, base_lr, self.env, codes=codes,
                                 teacher=teacher, kd_weight=self.cfg.ssl.kd_weight,
-                                desc=f"{phase} {epoch + 1}/{epochs}")
+                                amp=self.cfg.train.amp, desc=f"{phase} {epoch + 1}/{epochs}")
             knn = None
             if every and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
                 knn = self._knn(model, codes)
