@@ -464,6 +464,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, unified: bool = False,
     """Set up (distributed) devices, run or resume the training, tear down."""
     if source:
         cfg = replace(cfg, data=replace(cfg.data, source=source))
+    threads = torch.get_num_threads()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     env = dd.setup(cfg.train.device)
@@ -471,3 +472,4 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, unified: bool = False,
         return Trainer(cfg, run_dir, unified=unified, env=env).run()
     finally:
         dd.teardown(env)
+        torch.set_num_threads(threads)  # leave an embedding process as it was
