@@ -96,8 +96,12 @@ def train_local(model: SubnetModel, images: np.ndarray, labels: np.ndarray, spec
     (a segfault or "double free" that kills the ClientApp). PyTorch's native kernels are
     correct and, at the sizes fine-tuned on devices here, not the bottleneck.
     """
-    with torch.backends.mkldnn.flags(enabled=False):
+    onednn = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
         return _train_local(model, images, labels, spec, cfg, progress)
+    finally:
+        torch.backends.mkldnn.enabled = onednn
 
 
 def _train_local(model: SubnetModel, images: np.ndarray, labels: np.ndarray, spec: InputSpec,
