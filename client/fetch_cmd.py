@@ -1,4 +1,4 @@
-"""Fetch the sub-net for a signature (or a route) from the registry, verified before writing.
+"""Fetch the sub-net for a signature (or a route, or the signature kit) from the registry.
 
 The bundle's Ed25519 signature and every sha256 are checked in memory; only then is it
 written to a staging folder renamed to --out. A tampered or unsigned bundle is refused and
@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--signature", type=Path, help="signature.json from sdr-client signature")
     what.add_argument("--route", help="a route id such as 1-2-3-0 (skips routing)")
+    what.add_argument("--kit", action="store_true",
+                      help="fetch the signature kit (verified like a bundle) instead")
     parser.add_argument("--pubkey", required=True, type=Path, help="the server's server.pub")
     parser.add_argument("--out", required=True, type=Path, help="bundle folder to write")
     parser.add_argument("--cacert", type=Path, help="CA certificate of a private HTTPS server")
@@ -62,7 +64,7 @@ def _load_signature(path: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from client.registry_client import RegistryError, fetch_bundle
+    from client.registry_client import RegistryError, fetch_bundle, get_kit
     from sdr_edge.artifacts.signing import SignatureError, load_public_key
     from sdr_edge.artifacts.transfer import TransferError
 
@@ -77,6 +79,13 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--pubkey {args.pubkey}: {exc}") from exc
     if args.out.exists() and not args.out.is_dir():
         raise CommandError(f"--out {args.out} exists and is not a folder")
+    if args.kit:
+        try:
+            out = get_kit(args.server, token, pubkey, args.out, cacert=args.cacert)
+        except (RegistryError, TransferError) as exc:
+            raise CommandError(str(exc)) from exc
+        print(json.dumps({"kit": str(out), "verified": True}))
+        return 0
     target = _load_signature(args.signature) if args.signature else args.route
     try:
         out = fetch_bundle(args.server, token, target, pubkey, args.out, cacert=args.cacert)
