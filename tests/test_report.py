@@ -22,6 +22,7 @@ from sdr_edge.report.montage import (
     montage_array,
     row_height,
 )
+from sdr_edge.report.plots import phase_series, phase_spans
 
 BRANCHING = (4, 3, 2)
 
@@ -144,3 +145,15 @@ def test_read_metrics_tolerates_a_torn_last_line_only(tmp_path):
 def test_empty_run_dir_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="nothing to report"):
         make_training_report(tmp_path)
+
+
+def test_phases_share_one_epoch_axis():
+    # kNN logged every other epoch must line up with the loss of the same epochs
+    metrics = [{"phase": "phase0", "epoch": e, "loss": 1.0, "knn_acc": 0.5 if e % 2 == 0 else None}
+               for e in range(1, 5)]
+    metrics += [{"phase": "cluster", "epoch": 1, "loss": 0.3},
+                {"phase": "level_1", "epoch": 1, "loss": 0.5, "knn_acc": None},
+                {"phase": "level_1", "epoch": 2, "loss": 0.4, "knn_acc": 0.7}]
+    assert phase_spans(metrics) == {"phase0": (1.0, 1.0), "level_1": (1.0, 5.0)}
+    assert phase_series(metrics, "knn_acc") == {"phase0": ([2.0, 4.0], [0.5, 0.5]),
+                                                "level_1": ([2.0], [0.7])}

@@ -70,18 +70,36 @@ def _save(fig: Figure, path: str | Path) -> Path:
         plt.close(fig)
 
 
-def _plot_phases(series: dict[str, tuple[list[float], list[float]]], path: str | Path,
+def phase_spans(metrics: Sequence[dict],
+                exclude: frozenset[str] = NOT_TRAINING) -> dict[str, tuple[float, float]]:
+    """Per training phase: (first epoch, x of its first epoch on the shared axis).
+
+    Spans come from every record of a phase, so loss.png and knn.png (which may be logged
+    every few epochs only) put the same epoch at the same x.
+    """
+    epochs: dict[str, list[float]] = {}
+    for record in metrics:
+        if "phase" in record and "epoch" in record and str(record["phase"]) not in exclude:
+            epochs.setdefault(str(record["phase"]), []).append(float(record["epoch"]))
+    spans, start = {}, 1.0
+    for phase, values in epochs.items():
+        spans[phase] = (min(values), start)
+        start += max(values) - min(values) + 1
+    return spans
+
+
+def _plot_phases(series: dict[str, tuple[list[float], list[float]]],
+                 spans: dict[str, tuple[float, float]], path: str | Path,
                  ylabel: str, title: str) -> Path:
     """Phases one after another on a shared epoch axis, each in its own colour."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    offset = 0.0
-    for phase, (epochs, values) in series.items():
-        start = epochs[0] if epochs else 0.0
-        xs = [offset + e - start + 1 for e in epochs]
-        ax.plot(xs, values, marker="o", markersize=3, label=phase)
-        if offset > 0:
-            ax.axvline(offset + 0.5, color="#bbb", linewidth=0.8, linestyle="--")
-        offset = xs[-1] if xs else offset
+    for phase, (first, x0) in spans.items():
+        if x0 > 1:
+            ax.axvline(x0 - 0.5, color="#bbb", linewidth=0.8, linestyle="--")
+        if phase in series:
+            epochs, values = series[phase]
+            ax.plot([x0 + e - first for e in epochs], values, marker="o", markersize=3,
+                    label=phase)
     ax.set_xlabel("epoch (phases in training order)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -96,7 +114,7 @@ def plot_losses(metrics: Sequence[dict], path: str | Path) -> Path:
     series = phase_series(metrics, "loss")
     if not series:
         raise ValueError("no metrics record has phase, epoch and loss: nothing to plot")
-    return _plot_phases(series, path, "loss", "training loss per phase")
+    return _plot_phases(series, phase_spans(metrics), path, "loss", "training loss per phase")
 
 
 def plot_knn(metrics: Sequence[dict], path: str | Path) -> Path:
@@ -104,8 +122,8 @@ def plot_knn(metrics: Sequence[dict], path: str | Path) -> Path:
     series = phase_series(metrics, "knn_acc")
     if not series:
         raise ValueError("no metrics record has a knn_acc value: nothing to plot")
-    return _plot_phases(series, path, "kNN accuracy", "kNN monitor accuracy (labels used "
-                        "only for monitoring)")
+    return _plot_phases(series, phase_spans(metrics), path, "kNN accuracy",
+                        "kNN monitor accuracy (labels used only for monitoring)")
 
 
 def plot_code_histograms(codes: np.ndarray, branching: Sequence[int],
