@@ -1,13 +1,15 @@
 """Residual k-means speed: faiss-cpu against scikit-learn on synthetic embeddings.
 
-Prints JSON: best-of-`repeats` wall time of `fit_residual_kmeans` (4 levels x 4 clusters,
-25 iterations, no subsampling) per backend and size, the final residual energy (to show both
-reach the same quality), and a linear extrapolation to ImageNet with ResNet-50 features
-(1.28 M x 2048). Cost of one Lloyd iteration is linear in N*D for a fixed number of clusters,
-so seconds per (N*D) measured at the largest sizes carries over; memory is not extrapolated
-but computed (float32 working copy, plus scikit-learn's centred copy).
+Prints JSON: best-of-`repeats` wall and CPU seconds of `fit_residual_kmeans` (4 levels x 4
+clusters, at most 25 Lloyd iterations, same greedy k-means++ seeds, no subsampling) per backend
+and size, the iterations run, the final residual energy (both reach the same quality), and an
+extrapolation to ImageNet with ResNet-50 features (1.28 M x 2048): a Lloyd iteration costs
+O(N*D) for a fixed number of clusters, so seconds per (million N*D x iteration) at the largest
+sizes carry over. Memory is computed, not measured (float32 input and residual, plus
+scikit-learn's centred copy). On a machine shared with other jobs, use --threads 1 and read
+the CPU seconds.
 
-    nice .venv/bin/python benchmarks/clustering_speed.py [--quick]
+    nice .venv/bin/python benchmarks/clustering_speed.py [--quick] [--threads 1] [--sizes NxD,...]
 """
 
 from __future__ import annotations
