@@ -12,6 +12,8 @@ import importlib.util
 import logging
 import sys
 
+NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "httpx")
+
 
 class CommandError(Exception):
     """An error to show the user as one line, with exit status 2."""
@@ -41,6 +43,9 @@ def run_cli(prog: str, description: str, commands: dict[str, str], argv: list[st
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # the ONNX exporter narrates every graph pass at INFO
+        for name in NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args._module.run(args) or 0)
     except CommandError as exc:
