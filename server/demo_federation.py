@@ -47,7 +47,8 @@ def run_federation(out: Path, run_dir: Path, keys: Path, folders: dict[str, dict
             for r in report["rounds"]]
     plot = fed_out / "report" / "federated_rounds.png"
     return {"route": list(bundle.route), "rounds": rows, "bundle": str(fed_out / "bundle"),
-            "bundle_verified": True, "plot": str(plot) if plot.exists() else None,
+            "bundle_verified": True,
+            "plot": str(plot.relative_to(out)) if plot.exists() else None,  # report-relative
             "summary": report["summary"]}
 
 

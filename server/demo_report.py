@@ -78,7 +78,7 @@ def write_demo_report(out: Path, summary: dict) -> Path:
                                 key="demo-routing"))
     fed = summary.get("federation", {})
     if fed:
-        images = [p for p in [fed.get("plot")] if p]
+        images = [f"../{fed['plot']}"] if fed.get("plot") else []
         table = [["round", "accuracy", "loss"]] + [
             [r["round"], "" if r.get("accuracy") is None else f"{100 * r['accuracy']:.1f}%",
              "" if r.get("loss") is None else f"{r['loss']:.3f}"] for r in fed.get("rounds", [])]
