@@ -11,7 +11,9 @@ machine load hits both alike. Prints JSON; the target is routed/unified >= 0.85 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import platform
 import statistics
 import time
@@ -25,9 +27,14 @@ from sdr_edge.training.siamese import SiameseNet, make_optimizer
 
 
 def make_step(model: SiameseNet, opt: torch.optim.Optimizer, x1: torch.Tensor, x2: torch.Tensor,
-              codes: torch.Tensor | None):
+              codes: list[torch.Tensor] | None):
+    """A training step; routed steps cycle through fresh random codes, so the per-expert
+    partition sizes change from step to step as they do in training."""
+    counter = itertools.count()
+
     def step() -> None:
-        p1, p2, z1, z2 = model(x1, x2, codes)
+        c = None if codes is None else codes[next(counter) % len(codes)]
+        p1, p2, z1, z2 = model(x1, x2, c)
         loss = simsiam_loss(p1, p2, z1, z2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -35,11 +42,12 @@ def make_step(model: SiameseNet, opt: torch.optim.Optimizer, x1: torch.Tensor, x
     return step
 
 
-def timed(step, iters: int) -> float:
-    start = time.perf_counter()
+def timed(step, iters: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) for `iters` steps."""
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(iters):
         step()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
@@ -73,7 +81,7 @@ def main() -> None:
         net.split_level(r)
     routed = SiameseNet(net, heads()).to(device)
     limits = torch.tensor(cfg.routing.branching)
-    codes = (torch.rand(batch, len(limits)) * limits).long().to(device)
+    codes = [(torch.rand(batch, len(limits)) * limits).long().to(device) for _ in range(16)]
     steps = {
         "unified": make_step(unified, make_optimizer(unified, cfg.ssl, batch), x1, x2, None),
         "routed": make_step(routed, make_optimizer(routed, cfg.ssl, batch), x1, x2, codes),
@@ -81,10 +89,14 @@ def main() -> None:
     for step in steps.values():  # warm-up (allocator, oneDNN primitive caches)
         timed(step, 2)
     rates: dict[str, list[float]] = {name: [] for name in steps}
+    cpu_rates: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.reps):
         for name, step in steps.items():
-            rates[name].append(batch * args.iters / timed(step, args.iters))
+            wall, cpu = timed(step, args.iters)
+            rates[name].append(batch * args.iters / wall)
+            cpu_rates[name].append(batch * args.iters / cpu)
     med = {name: statistics.median(v) for name, v in rates.items()}
+    cpu_med = {name: statistics.median(v) for name, v in cpu_rates.items()}
     print(json.dumps({
         "config": args.config, "device": str(device), "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "batch": batch, "image_size": size,
@@ -94,6 +106,11 @@ def main() -> None:
         "unified_images_per_s": round(med["unified"], 1),
         "ratio": round(med["routed"] / med["unified"], 3),
         "target_ratio": 0.85,
+        # per CPU-second of this process: robust when other processes share the cores
+        "routed_images_per_cpu_s": round(cpu_med["routed"], 1),
+        "unified_images_per_cpu_s": round(cpu_med["unified"], 1),
+        "cpu_ratio": round(cpu_med["routed"] / cpu_med["unified"], 3),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "routed_all_reps": [round(v, 1) for v in rates["routed"]],
         "unified_all_reps": [round(v, 1) for v in rates["unified"]],
     }, indent=2))

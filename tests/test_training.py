@@ -177,8 +177,9 @@ def test_tiny_sdr_run_produces_every_artifact(tiny_run):
     phases = [m["phase"] for m in metrics if "phase" in m]
     order = list(dict.fromkeys(phases))
     assert order[:6] == ["phase0", "cluster", "level_1", "level_2", "level_3", "level_4"]
+    cfg = load_config(TINY)
     epochs = [m for m in metrics if m.get("phase") == "phase0"]
-    assert [m["epoch"] for m in epochs] == list(range(1, 13))
+    assert [m["epoch"] for m in epochs] == list(range(1, cfg.schedule.phase0_epochs + 1))
     assert all(np.isfinite(m["loss"]) and m["time"] >= 0 for m in metrics if "loss" in m
                and m["loss"] is not None)
     last = [m for m in metrics if m.get("phase") == "level_4" and m.get("knn_acc") is not None]
