@@ -245,3 +245,23 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     empty.mkdir()
     code, err = train("--config", TINY, "--out", tmp_path / "o2", "--data", empty)
     assert code == 2 and "no readable image" in err and "empty_src" in err
+
+
+def test_resume_bookkeeping_skips_finished_phases(tmp_path):
+    from sdr_edge.training.checkpoint import Checkpoint
+    from sdr_edge.training.pipeline import Trainer
+
+    trainer = Trainer(load_config(TINY), tmp_path / "run")
+    assert trainer.order == ["phase0", "cluster", "level_1", "level_2", "level_3", "level_4",
+                             "kit", "done"]
+    trainer.ckpt = Checkpoint(meta={"phase": "cluster", "epoch": 1})
+    assert trainer._past("phase0") and trainer._past("cluster") and not trainer._past("level_1")
+    trainer.ckpt = Checkpoint(meta={"phase": "level_2", "epoch": 2})
+    assert trainer._past("level_1") and not trainer._past("level_2")
+    assert trainer._resuming("level_2") and not trainer._resuming("level_3")
+    trainer.ckpt = Checkpoint(meta={"phase": "kit", "epoch": 0})
+    assert trainer._past("level_4") and not trainer._past("kit")
+    trainer.ckpt = Checkpoint(meta={"phase": "kit", "epoch": 1})
+    assert trainer._past("kit")
+    unified = Trainer(load_config(TINY), tmp_path / "u", unified=True)
+    assert unified.order == ["unified", "done"]

@@ -133,8 +133,11 @@ class Trainer:
         return (self.order.index(self.ckpt.meta["phase"]), int(self.ckpt.meta["epoch"]))
 
     def _past(self, phase: str) -> bool:
-        """The checkpoint says `phase` finished and its artifacts are in the run dir."""
-        return self._position()[0] > self.order.index(phase)
+        """The checkpoint says `phase` finished and its artifacts are in the run dir (one-shot
+        phases, cluster and kit, checkpoint epoch 1 when they are done)."""
+        index, epoch = self._position()
+        here = self.order.index(phase)
+        return index > here or (index == here and phase in (CLUSTER, KIT) and epoch >= 1)
 
     def _resuming(self, phase: str) -> bool:
         return self.ckpt is not None and self.ckpt.meta["phase"] == phase
