@@ -9,6 +9,7 @@ gloo on CPU).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -30,8 +31,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="override [train] seed")
 
 
+QUIET_LOGGERS = ("faiss", "onnx_ir", "onnxscript")  # chatty at INFO; -v shows them
+
+
 def run(args: argparse.Namespace) -> int:
     from sdr_edge.training import ConfigError, RunConflictError, load_config, train
+
+    if not getattr(args, "verbose", False):
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
     overrides = {"train": {"device": args.device, "seed": args.seed}, "data": {"source": args.data}}
     try:
