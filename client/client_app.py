@@ -13,7 +13,13 @@ from collections.abc import Callable
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from sdr_edge.federated.client_tasks import evaluate_task, query_task, train_task
+from sdr_edge.federated.client_tasks import (
+    BUNDLE_ACTION,
+    evaluate_task,
+    query_task,
+    receive_bundle_task,
+    train_task,
+)
 from sdr_edge.federated.node_data import NodeDataError
 
 log = logging.getLogger(__name__)
@@ -41,6 +47,12 @@ def _reply(task: Callable[[RecordDict, dict], RecordDict], msg: Message,
 def query(msg: Message, context: Context) -> Message:
     """Reply with this node's signature (computed with the local kit) and image count."""
     return _reply(query_task, msg, context)
+
+
+@app.query(BUNDLE_ACTION)
+def bundle(msg: Message, context: Context) -> Message:
+    """Keep the signed fine-tuned bundle the server sends at the end (if bundle-dir is set)."""
+    return _reply(receive_bundle_task, msg, context)
 
 
 @app.train()

@@ -24,7 +24,7 @@ def _log_to_stdout() -> None:
     logger = logging.getLogger("sdr_edge")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(levelname)s sdr_edge: %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s sdr_edge: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
 

@@ -12,7 +12,8 @@ import logging
 from collections.abc import Mapping
 from functools import lru_cache
 
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from sdr_edge.federated.local import LocalTrainConfig, evaluate_local, train_local
 from sdr_edge.federated.node_data import NodeData, NodeDataConfig, NodeDataError, load_node_data
@@ -25,6 +26,8 @@ CONFIG = "config"
 METRICS = "metrics"
 SIGNATURE = "signature"
 NUM_EXAMPLES = "num-examples"
+FILES = "files"
+BUNDLE_ACTION = "bundle"  # message type "query.bundle": the signed fine-tuned bundle
 
 
 @lru_cache(maxsize=4)
@@ -109,3 +112,33 @@ def evaluate_task(content: RecordDict, node_config: Mapping[str, object]) -> Rec
     return RecordDict({METRICS: MetricRecord({"eval-loss": float(result.loss),
                                               "eval-accuracy": float(result.accuracy),
                                               NUM_EXAMPLES: int(result.num_examples)})})
+
+
+def bundle_record(files: Mapping[str, bytes]) -> RecordDict:
+    """A bundle's files as uint8 arrays (Flower chunks ArrayRecords, so size is no issue)."""
+    return RecordDict({FILES: ArrayRecord({name: Array(np.frombuffer(data, dtype=np.uint8).copy())
+                                           for name, data in files.items()})})
+
+
+def receive_bundle_task(content: RecordDict, node_config: Mapping[str, object]) -> RecordDict:
+    """Keep the server's signed fine-tuned bundle in `bundle-dir` once it verifies.
+
+    A node without `bundle-dir` in its node config keeps nothing (and says so); one with it
+    also needs `server-pubkey`, the public key of the federation's signing key.
+    """
+    from sdr_edge.artifacts.signing import load_public_key
+    from sdr_edge.artifacts.transfer import verify_bundle_archive, write_files_atomically
+
+    target = node_config.get("bundle-dir")
+    if not target:
+        return RecordDict({METRICS: MetricRecord({"saved": 0})})
+    pubkey = node_config.get("server-pubkey")
+    if not pubkey:
+        raise ValueError("node config has bundle-dir but no server-pubkey to verify bundles with")
+    if FILES not in content.array_records:
+        raise ValueError("bundle message carries no files")
+    files = {name: arr.numpy().tobytes() for name, arr in content.array_records[FILES].items()}
+    manifest = verify_bundle_archive(files, load_public_key(str(pubkey)))
+    out = write_files_atomically(files, str(target))
+    log.info("kept the fine-tuned bundle for route %s in %s", manifest.get("route"), out)
+    return RecordDict({METRICS: MetricRecord({"saved": 1})})

@@ -23,7 +23,7 @@ from sdr_edge.artifacts.bundle import load_bundle, write_bundle
 from sdr_edge.artifacts.signing import load_private_key, load_public_key
 from sdr_edge.data.preprocess import InputSpec
 from sdr_edge.federated.app_config import FederationConfig, FederationConfigError
-from sdr_edge.federated.client_tasks import METRICS, SIGNATURE
+from sdr_edge.federated.client_tasks import BUNDLE_ACTION, METRICS, SIGNATURE, bundle_record
 from sdr_edge.federated.records import (
     arrays_into_model,
     arrays_nbytes,
@@ -183,6 +183,27 @@ def _evaluate_start(grid: Grid, strategy, arrays, config: ConfigRecord,
     return strategy.aggregate_evaluate(0, replies)
 
 
+def deliver_bundle(grid: Grid, bundle_dir: Path, timeout: float) -> dict[str, str]:
+    """Send the signed bundle to every connected node; node id -> 'kept' / 'not kept' / reason.
+
+    Nodes verify it with the federation's public key before keeping it (the on-device agent
+    waits for it); a node that fails here does not fail the run: the bundle is already saved.
+    """
+    from sdr_edge.artifacts.transfer import read_folder
+
+    content = bundle_record(read_folder(bundle_dir))
+    nodes = sorted(grid.get_node_ids())
+    messages = [Message(content, dst_node_id=n, message_type=f"{MessageType.QUERY}.{BUNDLE_ACTION}")
+                for n in nodes]
+    ok, failed = reply_outcomes(messages, list(grid.send_and_receive(messages, timeout=timeout)))
+    result = {str(n): reason for n, reason in failed.items()}
+    for msg in ok:
+        kept = msg.content.metric_records.get(METRICS, {}).get("saved", 0)
+        result[str(msg.metadata.src_node_id)] = "kept" if kept else "not kept"
+    log.info("fine-tuned bundle sent to %d node(s): %s", len(nodes), result)
+    return result
+
+
 def run_federation(grid: Grid, cfg: FederationConfig) -> dict:
     """Route, fine-tune with FedAvg/FedProx, save the signed bundle; return the summary."""
     started = time.time()
@@ -248,6 +269,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict:
     plot_rounds(out_dir / REPORT_DIR / PLOT_FILE, rows,
                 f"federated fine-tuning of sub-net {list(start.route)} ({cfg.strategy})")
     summary["bundle"] = str(bundle)
+    summary["delivered"] = deliver_bundle(grid, bundle, cfg.round_timeout)
     write_metrics(out_dir / SUMMARY, rows, summary)
     log.info("saved the fine-tuned bundle to %s (final held-out accuracy %s)", bundle,
              summary["final_accuracy"])

@@ -1,0 +1,463 @@
+"""The on-device agent: kit -> signature -> verified sub-net -> SuperNode -> fine-tuned bundle.
+
+Each step records its result in `STATE_DIR/agent-state.json` (written atomically) with a
+fingerprint of its inputs. A restarted agent skips every step whose fingerprint matches and
+whose artifact still verifies, so a crash costs at most the step it interrupted. A SuperNode
+left running by a crashed agent is re-attached to rather than started twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdr_edge.artifacts.atomic import atomic_write_text
+
+log = logging.getLogger("sdr_edge.agent")
+
+STATE_FILE = "agent-state.json"
+STATE_FORMAT = "sdr-agent-state"
+STEPS = ("kit", "signature", "subnet", "federation")
+TOKEN_ENV = "SDR_REGISTRY_TOKEN"
+
+
+class AgentError(RuntimeError):
+    """A step cannot complete; the message says which and why."""
+
+
+@dataclass
+class AgentConfig:
+    """agent.toml, with paths resolved against the file's folder."""
+
+    data: str
+    state_dir: Path
+    registry_url: str
+    pubkey: Path
+    token: str = ""
+    token_file: Path | None = None
+    cacert: Path | None = None
+    dp_epsilon: float | None = None
+    superlink: str = ""
+    insecure: bool = False
+    root_certificates: Path | None = None
+    auth_key: Path | None = None
+    federation_pubkey: Path | None = None
+    node_config: dict = field(default_factory=dict)
+    timeout: float = 0.0
+    keep_serving: bool = False
+    supernode_bin: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path) -> AgentConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise AgentError(f"agent config {path} does not exist")
+        try:
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise AgentError(f"{path} is not valid TOML: {exc}") from exc
+        base = path.parent
+
+        def p(v: object) -> Path | None:
+            return None if v in (None, "") else (base / Path(str(v)).expanduser()).resolve()
+
+        agent, reg, fed = doc.get("agent", {}), doc.get("registry", {}), doc.get("federation", {})
+        missing = [k for k, v in (("agent.data", agent.get("data")),
+                                  ("registry.url", reg.get("url")),
+                                  ("registry.pubkey", reg.get("pubkey"))) if not v]
+        if missing:
+            raise AgentError(f"{path}: missing {', '.join(missing)}")
+        data = str(agent["data"])
+        if not data.startswith(("builtin:", "fashion-mnist")):
+            data = str(p(data))
+        eps = agent.get("dp_epsilon")
+        cfg = cls(
+            data=data,
+            state_dir=p(agent.get("state_dir", ".sdr-agent")),  # type: ignore[arg-type]
+            registry_url=str(reg["url"]),
+            pubkey=p(reg["pubkey"]),  # type: ignore[arg-type]
+            token=str(reg.get("token", "")),
+            token_file=p(reg.get("token_file")),
+            cacert=p(reg.get("cacert")),
+            dp_epsilon=float(eps) if eps else None,
+            superlink=str(fed.get("superlink", "")),
+            insecure=bool(fed.get("insecure", False)),
+            root_certificates=p(fed.get("root_certificates")),
+            auth_key=p(fed.get("auth_key")),
+            federation_pubkey=p(fed.get("pubkey")),
+            node_config=dict(fed.get("node_config", {})),
+            timeout=float(fed.get("timeout", 0.0)),
+            keep_serving=bool(fed.get("keep_serving", False)),
+            supernode_bin=str(fed.get("supernode_bin", "")),
+        )
+        if cfg.superlink and not cfg.insecure and cfg.root_certificates is None:
+            raise AgentError(f"{path}: federation.root_certificates is needed for TLS "
+                             "(or insecure = true on a trusted network)")
+        return cfg
+
+    def registry_token(self) -> str:
+        if self.token:
+            return self.token
+        if self.token_file is not None:
+            if not self.token_file.is_file():
+                raise AgentError(f"registry.token_file {self.token_file} does not exist")
+            return self.token_file.read_text(encoding="utf-8").strip()
+        if os.environ.get(TOKEN_ENV):
+            return os.environ[TOKEN_ENV]
+        raise AgentError(f"no registry token: set registry.token_file or ${TOKEN_ENV}")
+
+    @property
+    def kit_dir(self) -> Path:
+        return self.state_dir / "kit"
+
+    @property
+    def signature_path(self) -> Path:
+        return self.state_dir / "signature.json"
+
+    @property
+    def subnet_dir(self) -> Path:
+        return self.state_dir / "subnet"
+
+    @property
+    def finetuned_dir(self) -> Path:
+        return self.state_dir / "finetuned"
+
+
+def _fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _data_fingerprint(data: str) -> str:
+    """A folder's image list with sizes and mtimes (cheap), or the built-in source's name."""
+    folder = Path(data)
+    if not folder.is_dir():
+        return data
+    from sdr_edge.data.folder import list_image_files
+
+    return _fingerprint([(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                         for p in list_image_files(folder)])
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
+class AgentState:
+    """What has been done, persisted after every change (temporary file, fsync, rename)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict = {"format": STATE_FORMAT, "version": 1, "steps": {}}
+        if path.is_file():
+            try:
+                loaded = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise AgentError(f"{path} is corrupt ({exc}); delete it to start over") from exc
+            if loaded.get("format") != STATE_FORMAT:
+                raise AgentError(f"{path} is not an agent state file")
+            self.data = loaded
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+
+    def step(self, name: str) -> dict:
+        return self.data["steps"].get(name, {})
+
+    def done(self, name: str, fingerprint: str) -> bool:
+        entry = self.step(name)
+        return bool(entry.get("done")) and entry.get("fingerprint") == fingerprint
+
+    def mark(self, name: str, fingerprint: str, **details: object) -> None:
+        self.data["steps"][name] = {"done": True, "fingerprint": fingerprint,
+                                    "finished_unix": int(time.time()), **details}
+        self.save()
+
+    def update(self, name: str, **details: object) -> None:
+        self.data["steps"].setdefault(name, {}).update(details)
+        self.save()
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    return not cmdline.exists() or b"flower-supernode" in cmdline.read_bytes()
+
+
+class Agent:
+    """Runs the steps in order, skipping what a previous run completed."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state = AgentState(cfg.state_dir / STATE_FILE)
+
+    # -- the steps ---------------------------------------------------------------------------
+    def run(self) -> Path | None:
+        """Every step; returns the fine-tuned bundle (None when no federation is configured)."""
+        steps: list[tuple[str, Callable[[], str], Callable[[], dict], Callable[[], bool]]] = [
+            ("kit", self._kit_fp, self._fetch_kit, self._kit_ok),
+            ("signature", self._signature_fp, self._compute_signature, self._signature_ok),
+            ("subnet", self._subnet_fp, self._fetch_subnet, self._subnet_ok),
+        ]
+        if self.cfg.superlink:
+            steps.append(("federation", self._federation_fp, self._federate, self._finetuned_ok))
+        for i, (name, fp_fn, action, still_ok) in enumerate(steps, 1):
+            fp = fp_fn()
+            if self.state.done(name, fp) and still_ok():
+                log.info("[%d/%d] %s: already done, skipped", i, len(steps), name)
+                continue
+            log.info("[%d/%d] %s: starting", i, len(steps), name)
+            started = time.time()
+            details = action()
+            self.state.mark(name, fp, **details)
+            log.info("[%d/%d] %s: done in %.1f s %s", i, len(steps), name,
+                     time.time() - started, json.dumps(details, sort_keys=True))
+        if not self.cfg.superlink:
+            log.info("no [federation] superlink configured: the verified sub-net is in %s",
+                     self.cfg.subnet_dir)
+            return None
+        log.info("fine-tuned bundle ready for export: %s (sdr-export onnx --bundle %s ...)",
+                 self.cfg.finetuned_dir, self.cfg.finetuned_dir)
+        return self.cfg.finetuned_dir
+
+    def _kit_fp(self) -> str:
+        return _fingerprint(self.cfg.registry_url, _file_digest(self.cfg.pubkey))
+
+    def _fetch_kit(self) -> dict:
+        from client.registry_client import get_kit
+
+        path = get_kit(self.cfg.registry_url, self.cfg.registry_token(), self.cfg.pubkey,
+                       self.cfg.kit_dir, cacert=self.cfg.cacert)
+        return {"path": str(path), "kit_json_sha256": _file_digest(path / "kit.json")}
+
+    def _kit_ok(self) -> bool:
+        from sdr_edge.routing.kit_runtime import KitError, KitRunner
+
+        try:
+            KitRunner(self.cfg.kit_dir)
+        except (KitError, OSError, KeyError):
+            log.warning("kit in %s no longer loads: fetching it again", self.cfg.kit_dir)
+            return False
+        return _file_digest(self.cfg.kit_dir / "kit.json") == \
+            self.state.step("kit").get("kit_json_sha256")
+
+    def _signature_fp(self) -> str:
+        extra = {k: v for k, v in self.cfg.node_config.items()
+                 if k in ("partition-id", "num-partitions", "alpha", "partition-seed", "limit")}
+        return _fingerprint(self.state.step("kit").get("kit_json_sha256"), self.cfg.data,
+                            _data_fingerprint(self.cfg.data), extra, self.cfg.dp_epsilon)
+
+    def _node_data_config(self):
+        from sdr_edge.federated.node_data import NodeDataConfig
+
+        return NodeDataConfig.from_node_config({**self.cfg.node_config, "data": self.cfg.data,
+                                                "kit-dir": str(self.cfg.kit_dir)})
+
+    def _compute_signature(self) -> dict:
+        from sdr_edge.federated.node_data import NodeDataError, load_partition
+        from sdr_edge.routing.kit_runtime import KitRunner, compute_signature
+
+        runner = KitRunner(self.cfg.kit_dir)
+        try:
+            source = load_partition(self._node_data_config(), runner.spec.image_size,
+                                    runner.spec.channels)
+        except NodeDataError as exc:
+            raise AgentError(f"signature: {exc}") from exc
+        sig = compute_signature(runner, source.images, dp_epsilon=self.cfg.dp_epsilon)
+        atomic_write_text(self.cfg.signature_path, sig.to_json() + "\n")
+        if source.skipped:
+            log.warning("signature: %d unreadable image(s) skipped", len(source.skipped))
+        return {"images": sig.count, "skipped": len(source.skipped),
+                "signature_sha256": _file_digest(self.cfg.signature_path)}
+
+    def _signature_ok(self) -> bool:
+        return _file_digest(self.cfg.signature_path) == \
+            self.state.step("signature").get("signature_sha256")
+
+    def _subnet_fp(self) -> str:
+        return _fingerprint(self.cfg.registry_url, self.state.step("signature").get(
+            "signature_sha256"), _file_digest(self.cfg.pubkey))
+
+    def _fetch_subnet(self) -> dict:
+        from client.registry_client import fetch_bundle
+
+        sig = self.cfg.signature_path.read_text(encoding="utf-8")
+        path = fetch_bundle(self.cfg.registry_url, self.cfg.registry_token(), sig, self.cfg.pubkey,
+                            self.cfg.subnet_dir, cacert=self.cfg.cacert)
+        manifest = json.loads((path / "manifest.json").read_text())
+        return {"path": str(path), "route": manifest["route"]}
+
+    def _subnet_ok(self) -> bool:
+        return self._verifies(self.cfg.subnet_dir, self.cfg.pubkey)
+
+    @staticmethod
+    def _verifies(folder: Path, pubkey: Path) -> bool:
+        from sdr_edge.artifacts.bundle import BundleError, verify_bundle
+        from sdr_edge.artifacts.signing import load_public_key
+
+        if not folder.is_dir():
+            return False
+        try:
+            verify_bundle(folder, load_public_key(pubkey))
+        except (BundleError, OSError, ValueError) as exc:
+            log.warning("%s does not verify (%s)", folder, exc)
+            return False
+        return True
+
+    # -- federation ----------------------------------------------------------------------------
+    @property
+    def _fed_pubkey(self) -> Path:
+        return self.cfg.federation_pubkey or self.cfg.pubkey
+
+    def _federation_fp(self) -> str:
+        return _fingerprint(self.cfg.superlink, self.state.step("signature").get(
+            "signature_sha256"), _file_digest(self._fed_pubkey))
+
+    def _finetuned_ok(self) -> bool:
+        return self._verifies(self.cfg.finetuned_dir, self._fed_pubkey)
+
+    def supernode_command(self) -> list[str]:
+        exe = self.cfg.supernode_bin or str(Path(sys.executable).parent / "flower-supernode")
+        node_config = {**self.cfg.node_config, "data": self.cfg.data,
+                       "kit-dir": str(self.cfg.kit_dir), "bundle-dir": str(self.cfg.finetuned_dir),
+                       "server-pubkey": str(self._fed_pubkey)}
+        if self.cfg.dp_epsilon:
+            node_config["dp-epsilon"] = self.cfg.dp_epsilon
+        cmd = [exe, "--superlink", self.cfg.superlink, "--port", str(_free_port()),
+               "--node-config", " ".join(f"{k}={_toml(v)}" for k, v in node_config.items())]
+        if self.cfg.insecure:
+            cmd.append("--insecure")
+        else:
+            cmd += ["--root-certificates", str(self.cfg.root_certificates)]
+        if self.cfg.auth_key is not None:
+            cmd += ["--auth-supernode-private-key", str(self.cfg.auth_key)]
+        return cmd
+
+    def _federate(self) -> dict:
+        entry = self.state.step("federation")
+        pid = entry.get("supernode_pid")
+        since = float(entry.get("since", 0.0))
+        if _alive(pid):
+            log.info("federation: re-attaching to the SuperNode left running (pid %d)", pid)
+        else:
+            since = time.time()
+            log_path = self.cfg.state_dir / "supernode.log"
+            with open(log_path, "ab") as out:
+                proc = subprocess.Popen(self.supernode_command(), stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+            pid = proc.pid
+            self.state.update("federation", supernode_pid=pid, since=since, done=False,
+                              log=str(log_path))
+            log.info("federation: SuperNode started (pid %d, log %s), waiting for the "
+                     "fine-tuned bundle", pid, log_path)
+        try:
+            manifest = self._wait_for_bundle(pid, since)
+        except BaseException:
+            # A clean stop (error, Ctrl-C, SIGTERM) takes the SuperNode down with the agent;
+            # only a hard crash leaves it running for the next start to re-attach to.
+            self._stop(pid)
+            self.state.update("federation", supernode_pid=None)
+            raise
+        if not self.cfg.keep_serving:
+            self._wait_reply_sent()
+            self._stop(pid)
+        return {"path": str(self.cfg.finetuned_dir), "route": manifest["route"],
+                "final_accuracy": manifest.get("provenance", {}).get("federated", {})
+                .get("final_accuracy"), "supernode_pid": pid if self.cfg.keep_serving else None}
+
+    def _wait_for_bundle(self, pid: int, since: float) -> dict:
+        from sdr_edge.artifacts.bundle import BundleError, verify_bundle
+        from sdr_edge.artifacts.signing import load_public_key
+
+        key = load_public_key(self._fed_pubkey)
+        deadline = time.monotonic() + self.cfg.timeout if self.cfg.timeout > 0 else None
+        last_note = time.monotonic()
+        while True:
+            if self.cfg.finetuned_dir.is_dir():
+                try:
+                    manifest = verify_bundle(self.cfg.finetuned_dir, key)
+                except BundleError as exc:
+                    raise AgentError(f"federation: received bundle does not verify: {exc}") from exc
+                created = manifest.get("provenance", {}).get("created_unix", 0)
+                if created >= int(since) - 1:
+                    return manifest
+            if not _alive(pid):
+                tail = self._log_tail()
+                raise AgentError(f"federation: the SuperNode (pid {pid}) exited before a "
+                                 f"fine-tuned bundle arrived:\n{tail}")
+            if deadline is not None and time.monotonic() > deadline:
+                raise AgentError(f"federation: no fine-tuned bundle after {self.cfg.timeout:.0f} s")
+            if time.monotonic() - last_note > 60:
+                log.info("federation: still waiting for the fine-tuned bundle")
+                last_note = time.monotonic()
+            time.sleep(1.0)
+
+    def _wait_reply_sent(self, timeout: float = 30.0, grace: float = 8.0) -> None:
+        """Let the server collect this node's reply to the bundle message before stopping.
+
+        The SuperLink answers "node unavailable" for a reply whose node went offline before
+        the ServerApp pulled it (it pulls every 3 s). So: wait (bounded) until the SuperNode
+        logs "Sent successfully" after the last message it received, then a short grace.
+        """
+        path = self.cfg.state_dir / "supernode.log"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and path.is_file():
+            text = path.read_text(errors="replace")
+            last_in = text.rfind("Receiving:")
+            if last_in >= 0 and text.find("Sent successfully", last_in) >= 0:
+                time.sleep(grace)
+                return
+            time.sleep(0.5)
+
+    def _log_tail(self, n: int = 2000) -> str:
+        path = self.cfg.state_dir / "supernode.log"
+        return path.read_text(errors="replace")[-n:] if path.is_file() else "(no log)"
+
+    @staticmethod
+    def _stop(pid: int) -> None:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            return
+        for _ in range(100):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return
+            except ChildProcessError:
+                if not _alive(pid):
+                    return
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _toml(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return json.dumps(str(v))
