@@ -265,3 +265,26 @@ def test_run_config_errors_name_the_key(assets):
                                           "strategy": "fedprox"})
     with pytest.raises(FederationConfigError, match="'lr': cannot read 'fast'"):
         FederationConfig.from_run_config({"run-dir": "r", "signing-key": "k", "lr": "fast"})
+
+
+# -- the fine-tuned bundle sent back to nodes ------------------------------------------------
+
+def test_node_keeps_only_a_bundle_that_verifies(assets, start, tmp_path, keypair):
+    from sdr_edge.artifacts.bundle import write_bundle
+    from sdr_edge.artifacts.transfer import read_folder
+    from sdr_edge.federated.client_tasks import bundle_record
+
+    model, spec = start
+    key, pub, keydir = keypair
+    files = read_folder(write_bundle(model, tmp_path / "b", ROUTE, spec, key, {"t": 1}))
+    node = {"data": "builtin:digits", "bundle-dir": str(tmp_path / "kept"),
+            "server-pubkey": str(keydir / "server.pub")}
+    reply = call("query.bundle", bundle_record(files), node)
+    assert reply.content["metrics"]["saved"] == 1
+    assert load_bundle(tmp_path / "kept", pub).route == ROUTE
+    tampered = dict(files, **{"weights.safetensors": files["weights.safetensors"][:-1] + b"\0"})
+    reply = call("query.bundle", bundle_record(tampered), {**node, "bundle-dir": str(tmp_path / "x")})
+    assert reply.has_error() and "checksum" in reply.error.reason
+    assert not (tmp_path / "x").exists()
+    reply = call("query.bundle", bundle_record(files), {"data": "builtin:digits"})
+    assert reply.content["metrics"]["saved"] == 0  # a node without bundle-dir keeps nothing
