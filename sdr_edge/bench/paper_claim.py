@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from sdr_edge.artifacts.atomic import atomic_write_text
 from sdr_edge.artifacts.run_dir import load_sdrnet, load_teacher
@@ -198,6 +199,8 @@ def run(budget_name: str, out: str | Path, seed: int = 0, argv: list[str] | None
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     runs = pretrain_all(budget, out, seed)
+    if budget.threads > 0:  # training restores torch's default; small evals want the budget's
+        torch.set_num_threads(budget.threads)
     rows = [evaluate_task(task, runs, budget, out, seed) for task in tasks(budget)]
     summary = {
         "command": " ".join(shlex.quote(a) for a in (argv or sys.argv)),
