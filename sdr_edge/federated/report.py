@@ -37,6 +37,7 @@ def plot_rounds(path: str | Path, rows: Sequence[dict], title: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.5))
     acc = [(r["round"], r["eval-accuracy"]) for r in rows if "eval-accuracy" in r]
@@ -55,6 +56,8 @@ def plot_rounds(path: str | Path, rows: Sequence[dict], title: str) -> Path:
     ax_loss.set_ylabel("cross-entropy")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(loc="upper right")
+    for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     out = atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
