@@ -19,12 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "minute: a smoke test")
     parser.add_argument("--out", type=Path, default=Path("runs/paper_claim"), metavar="DIR")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task-limit", type=int, metavar="N",
+                        help="images per downstream task (default: the budget's; 0: all)")
 
 
 def run(args: argparse.Namespace) -> int:
     from sdr_edge.bench.paper_claim import run as run_bench
 
-    summary = run_bench(args.budget, args.out, args.seed)
+    summary = run_bench(args.budget, args.out, args.seed, task_limit=args.task_limit)
     print((args.out / "results.md").read_text())
     print(json.dumps(summary["verdict"], indent=2))
     return 0

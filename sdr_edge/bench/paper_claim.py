@@ -16,6 +16,7 @@ import logging
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -191,10 +192,14 @@ def write_report(out: Path, rows: list[dict], summary: dict) -> None:
                                   key="paper-claim-routes")], title="sdr-edge paper claim")
 
 
-def run(budget_name: str, out: str | Path, seed: int = 0, argv: list[str] | None = None) -> dict:
+def run(budget_name: str, out: str | Path, seed: int = 0, argv: list[str] | None = None,
+        task_limit: int | None = None) -> dict:
+    """The whole benchmark; `task_limit` overrides the budget's images per task (0: all)."""
     if budget_name not in BUDGETS:
         raise ValueError(f"unknown budget {budget_name!r} ({', '.join(BUDGETS)})")
     budget = BUDGETS[budget_name]
+    if task_limit is not None:
+        budget = replace(budget, task_limit=task_limit or None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
