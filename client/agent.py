@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdr_edge.artifacts.atomic import atomic_write_text
+from sdr_edge.federated.deployment import free_port, kv_config
 
 log = logging.getLogger("sdr_edge.agent")
 
@@ -339,8 +340,8 @@ class Agent:
                        "server-pubkey": str(self._fed_pubkey)}
         if self.cfg.dp_epsilon:
             node_config["dp-epsilon"] = self.cfg.dp_epsilon
-        cmd = [exe, "--superlink", self.cfg.superlink, "--port", str(_free_port()),
-               "--node-config", " ".join(f"{k}={_toml(v)}" for k, v in node_config.items())]
+        cmd = [exe, "--superlink", self.cfg.superlink, "--port", str(free_port()),
+               "--node-config", kv_config(node_config)]
         if self.cfg.insecure:
             cmd.append("--insecure")
         else:
@@ -446,18 +447,3 @@ class Agent:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _toml(v: object) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    return json.dumps(str(v))

@@ -107,14 +107,6 @@ class Processes:
         self.procs.clear()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
     import httpx
 
@@ -181,6 +173,8 @@ def pipeline(out: Path, config: Path, rounds: int, procs: Processes, logs: Path)
     token = run_step([exe["sdr-server"], "token", "--tokens", tokens, "--name", "demo-fleet"],
                      logs / "token.log").strip().splitlines()[-1].strip()
     (keys / "client.token").write_text(token + "\n")
+    from sdr_edge.federated.deployment import free_port
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     registry = procs.start("registry", [exe["sdr-server"], "serve", "--run", run_dir, "--port",

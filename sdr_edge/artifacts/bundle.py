@@ -115,23 +115,33 @@ def verify_bundle(bundle_dir: str | Path, pubkey: Ed25519PublicKey) -> dict:
     return manifest
 
 
-def verify_bundle_bytes(files: dict[str, bytes], pubkey: Ed25519PublicKey) -> dict:
-    """Same checks as verify_bundle on in-memory files (before anything touches the disk)."""
+def verify_signed_files(files: dict[str, bytes], pubkey: Ed25519PublicKey, fmt: str,
+                        version: int, what: str = "bundle") -> dict:
+    """In-memory files of a signed folder (bundle or kit): the manifest's Ed25519 signature,
+    its format and every listed file's sha256, checked before anything touches the disk."""
     if MANIFEST not in files:
         raise BundleError(f"no {MANIFEST}")
     if SIGNATURE not in files:
-        raise BundleError(f"unsigned bundle (no {SIGNATURE})")
+        raise BundleError(f"unsigned {what} (no {SIGNATURE})")
     try:
         verify(pubkey, files[MANIFEST], files[SIGNATURE])
     except SignatureError as exc:
         raise BundleError(str(exc)) from exc
     manifest = json.loads(files[MANIFEST])
+    if manifest.get("format") != fmt or manifest.get("format_version") != version:
+        raise BundleError(f"unknown format {manifest.get('format')!r} "
+                          f"v{manifest.get('format_version')}")
     for name, digest in manifest.get("files", {}).items():
         if name not in files:
             raise BundleError(f"missing file {name!r}")
         if sha256_bytes(files[name]) != digest:
             raise BundleError(f"checksum mismatch for {name}")
     return manifest
+
+
+def verify_bundle_bytes(files: dict[str, bytes], pubkey: Ed25519PublicKey) -> dict:
+    """Same checks as verify_bundle on in-memory files (before anything touches the disk)."""
+    return verify_signed_files(files, pubkey, BUNDLE_FORMAT, BUNDLE_VERSION)
 
 
 def fit_modules_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

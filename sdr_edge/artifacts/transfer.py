@@ -20,7 +20,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sdr_edge.artifacts.atomic import atomic_replace_dir, sha256_bytes
-from sdr_edge.artifacts.signing import SignatureError, sign, verify
+from sdr_edge.artifacts.signing import sign
 
 # Same names as sdr_edge.artifacts.bundle, which imports torch: this module must not, because
 # a device fetches and verifies the signature kit without it (a test keeps these equal).
@@ -113,21 +113,12 @@ def write_files_atomically(files: dict[str, bytes], out_dir: str | Path) -> Path
 
 def verify_bundle_archive(files: dict[str, bytes], pubkey: Ed25519PublicKey) -> dict:
     """Signature, checksums, format, and no file the signed manifest does not list."""
-    from sdr_edge.artifacts.bundle import (
-        BUNDLE_FORMAT,
-        BUNDLE_VERSION,
-        WEIGHTS,
-        BundleError,
-        verify_bundle_bytes,
-    )
+    from sdr_edge.artifacts.bundle import WEIGHTS, BundleError, verify_bundle_bytes
 
     try:
-        manifest = verify_bundle_bytes(files, pubkey)
+        manifest = verify_bundle_bytes(files, pubkey)  # signature, format, checksums
     except BundleError as exc:
         raise TransferError(f"bundle refused: {exc}") from exc
-    if manifest.get("format") != BUNDLE_FORMAT or manifest.get("format_version") != BUNDLE_VERSION:
-        raise TransferError(f"bundle refused: unknown format {manifest.get('format')!r} "
-                            f"v{manifest.get('format_version')}")
     _check_listed(files, manifest, "bundle")
     if WEIGHTS not in manifest["files"]:
         raise TransferError(f"bundle refused: manifest lists no {WEIGHTS}")
@@ -158,23 +149,12 @@ def sign_kit(files: dict[str, bytes], key: Ed25519PrivateKey,
 
 def verify_kit_archive(files: dict[str, bytes], pubkey: Ed25519PublicKey) -> dict:
     """Same trust rules as a bundle: signed manifest, every checksum, nothing unlisted."""
-    if MANIFEST not in files:
-        raise TransferError(f"kit refused: no {MANIFEST}")
-    if SIGNATURE not in files:
-        raise TransferError(f"kit refused: unsigned kit (no {SIGNATURE})")
+    from sdr_edge.artifacts.bundle import BundleError, verify_signed_files
+
     try:
-        verify(pubkey, files[MANIFEST], files[SIGNATURE])
-    except SignatureError as exc:
+        manifest = verify_signed_files(files, pubkey, KIT_FORMAT, KIT_VERSION, what="kit")
+    except BundleError as exc:
         raise TransferError(f"kit refused: {exc}") from exc
-    manifest = json.loads(files[MANIFEST])
-    if manifest.get("format") != KIT_FORMAT or manifest.get("format_version") != KIT_VERSION:
-        raise TransferError(f"kit refused: unknown format {manifest.get('format')!r} "
-                            f"v{manifest.get('format_version')}")
-    for name, digest in manifest.get("files", {}).items():
-        if name not in files:
-            raise TransferError(f"kit refused: missing file {name!r}")
-        if sha256_bytes(files[name]) != digest:
-            raise TransferError(f"kit refused: checksum mismatch for {name}")
     _check_listed(files, manifest, "kit")
     return manifest
 
