@@ -117,9 +117,11 @@ def _export_onnx(net: SignatureKitNet, spec: InputSpec, path: Path) -> None:
     net = net.cpu().eval()
     example = torch.zeros(2, spec.channels, spec.image_size, spec.image_size)
     batch = torch.export.Dim("batch", min=1)
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # the exporter warns about torchvision ops we do not use
+    # the exporter logs torchvision gaps and optimizer passes: not news for this small net
+    quiet = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -127,7 +129,8 @@ def _export_onnx(net: SignatureKitNet, spec: InputSpec, path: Path) -> None:
                               output_names=[OUTPUT_NAME], dynamic_shapes={"x": {0: batch}},
                               external_data=False, dynamo=True, verbose=False)
     finally:
-        quiet.setLevel(level)
+        for q, lv in zip(quiet, levels, strict=True):
+            q.setLevel(lv)
 
 
 def train_signature_kit(images: np.ndarray, codes: np.ndarray, branching: Sequence[int],
