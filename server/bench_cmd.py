@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "minute: a smoke test")
     parser.add_argument("--out", type=Path, default=Path("runs/paper_claim"), metavar="DIR")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kd-weight", type=float, metavar="W",
+                        help="SiamKD weight of the SDR runs (default: the budget's; the unified "
+                             "run never distils)")
     parser.add_argument("--task-limit", type=int, metavar="N",
                         help="images per downstream task (default: the budget's; 0: all)")
 
@@ -26,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sdr_edge.bench.paper_claim import run as run_bench
 
-    summary = run_bench(args.budget, args.out, args.seed, task_limit=args.task_limit)
+    summary = run_bench(args.budget, args.out, args.seed, task_limit=args.task_limit,
+                        kd_weight=args.kd_weight)
     print((args.out / "results.md").read_text())
     print(json.dumps(summary["verdict"], indent=2))
     return 0

@@ -40,15 +40,18 @@ TEST_FRACTION = 0.3
 MODELS = ("unified", "sdr16", "sdr256")
 
 
-def pretrain_all(budget: Budget, out: Path, seed: int) -> dict[str, Path]:
-    """The three pre-training runs (resumable; finished ones are reused)."""
+def pretrain_all(budget: Budget, out: Path, seed: int, kd_weight: float | None = None
+                 ) -> dict[str, Path]:
+    """The three pre-training runs (resumable; finished ones are reused). `kd_weight` changes
+    only the SDR runs: the unified run has no teacher, so its config stays the budget's."""
+    sdr = replace(budget, kd_weight=budget.kd_weight if kd_weight is None else kd_weight)
     runs = {
         "unified": (config_from_dict(train_config_dict(budget, (4, 4, 4, 4),
                                                        budget.level_epochs_k256, seed)), True),
-        "sdr16": (config_from_dict(train_config_dict(budget, (4, 4), budget.level_epochs_k16,
+        "sdr16": (config_from_dict(train_config_dict(sdr, (4, 4), sdr.level_epochs_k16,
                                                      seed)), False),
-        "sdr256": (config_from_dict(train_config_dict(budget, (4, 4, 4, 4),
-                                                      budget.level_epochs_k256, seed)), False),
+        "sdr256": (config_from_dict(train_config_dict(sdr, (4, 4, 4, 4),
+                                                      sdr.level_epochs_k256, seed)), False),
     }
     paths = {}
     for name, (cfg, unified) in runs.items():
@@ -193,8 +196,9 @@ def write_report(out: Path, rows: list[dict], summary: dict) -> None:
 
 
 def run(budget_name: str, out: str | Path, seed: int = 0, argv: list[str] | None = None,
-        task_limit: int | None = None) -> dict:
-    """The whole benchmark; `task_limit` overrides the budget's images per task (0: all)."""
+        task_limit: int | None = None, kd_weight: float | None = None) -> dict:
+    """The whole benchmark; `task_limit` overrides the budget's images per task (0: all),
+    `kd_weight` the SDR runs' SiamKD weight."""
     if budget_name not in BUDGETS:
         raise ValueError(f"unknown budget {budget_name!r} ({', '.join(BUDGETS)})")
     budget = BUDGETS[budget_name]
@@ -203,13 +207,14 @@ def run(budget_name: str, out: str | Path, seed: int = 0, argv: list[str] | None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    runs = pretrain_all(budget, out, seed)
+    runs = pretrain_all(budget, out, seed, kd_weight)
     if budget.threads > 0:  # training restores torch's default; small evals want the budget's
         torch.set_num_threads(budget.threads)
     rows = [evaluate_task(task, runs, budget, out, seed) for task in tasks(budget)]
     summary = {
         "command": " ".join(shlex.quote(a) for a in (argv or sys.argv)),
         "budget": budget.to_dict(),
+        "sdr_kd_weight": budget.kd_weight if kd_weight is None else kd_weight,
         "seed": seed,
         "seconds": time.perf_counter() - t0,
         "tasks": rows,
