@@ -19,6 +19,18 @@ class CommandError(Exception):
     """An error to show the user as one line, with exit status 2."""
 
 
+def load_key_arg(path, flag: str, private: bool = False):
+    """An Ed25519 key named on the command line, or a one-line CommandError naming the flag."""
+    from sdr_edge.artifacts.signing import SignatureError, load_private_key, load_public_key
+
+    if not path.is_file():
+        raise CommandError(f"{flag} file not found: {path}")
+    try:
+        return load_private_key(path) if private else load_public_key(path)
+    except (SignatureError, ValueError) as exc:
+        raise CommandError(f"{flag} {path}: {exc}") from exc
+
+
 def available(commands: dict[str, str]) -> dict[str, str]:
     return {name: mod for name, mod in commands.items() if importlib.util.find_spec(mod) is not None}
 

@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from client.cli_common import CommandError
+from client.cli_common import CommandError, load_key_arg
 
 TOKEN_ENV = "SDR_REGISTRY_TOKEN"
 
@@ -65,18 +65,12 @@ def _load_signature(path: Path) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from client.registry_client import RegistryError, fetch_bundle, get_kit
-    from sdr_edge.artifacts.signing import SignatureError, load_public_key
     from sdr_edge.artifacts.transfer import TransferError
 
     if not getattr(args, "verbose", False):
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     token = resolve_token(args.token, args.token_file)
-    if not args.pubkey.is_file():
-        raise CommandError(f"--pubkey {args.pubkey} does not exist")
-    try:
-        pubkey = load_public_key(args.pubkey)
-    except (SignatureError, ValueError) as exc:
-        raise CommandError(f"--pubkey {args.pubkey}: {exc}") from exc
+    pubkey = load_key_arg(args.pubkey, "--pubkey")
     if args.out.exists() and not args.out.is_dir():
         raise CommandError(f"--out {args.out} exists and is not a folder")
     if args.kit:

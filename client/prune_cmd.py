@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from client.cli_common import CommandError
+from client.cli_common import CommandError, load_key_arg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,19 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sdr_edge.artifacts.bundle import BundleError
-    from sdr_edge.artifacts.signing import SignatureError, load_private_key, load_public_key
+    from sdr_edge.artifacts.signing import SignatureError
     from sdr_edge.pruning import PruningError, prune_bundle
 
-    for label, path in (("--pubkey", args.pubkey), ("--key", args.key)):
-        if not path.is_file():
-            raise CommandError(f"{label} file not found: {path}")
+    server_pub = load_key_arg(args.pubkey, "--pubkey")
+    device_key = load_key_arg(args.key, "--key", private=True)
     if not args.bundle.is_dir():
         raise CommandError(f"bundle folder not found: {args.bundle}")
     if args.out.resolve() == args.bundle.resolve():
         raise CommandError("--out must differ from --bundle")
     try:
-        server_pub = load_public_key(args.pubkey)
-        device_key = load_private_key(args.key)
         summary = prune_bundle(args.bundle, server_pub, device_key, args.out, args.macs_ratio,
                                max_steps=args.max_steps, max_channel_ratio=args.max_channel_ratio)
     except (BundleError, SignatureError, PruningError) as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from client.cli_common import CommandError
+from client.cli_common import CommandError, load_key_arg
 
 
 def _batch(value: str) -> int | None:
@@ -52,16 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sdr_edge.artifacts.signing import SignatureError, load_public_key
     from sdr_edge.export.parity import ParityError
     from sdr_edge.export.pipeline import ExportOptions, export_bundle
 
-    if not args.pubkey.is_file():
-        raise CommandError(f"public key not found: {args.pubkey}")
-    try:
-        pubkey = load_public_key(args.pubkey)
-    except (SignatureError, ValueError) as exc:
-        raise CommandError(f"cannot read public key {args.pubkey}: {exc}") from exc
+    pubkey = load_key_arg(args.pubkey, "--pubkey")
     opts = ExportOptions(
         precision=args.precision, batch=args.batch, opset=args.opset,
         calib_images=args.calib_images, calib_source=args.calib_source,
