@@ -20,6 +20,8 @@ def test_bench_minute_budget_writes_results(tmp_path):
             assert 0.0 <= task[model]["finetune"] <= 1.0
         assert len(task["sdr256"]["route"]) == 4 and len(task["sdr16"]["route"]) == 2
         assert task["sdr256"]["regret_points"] >= 0.0
+        # Best-on-test can only beat the candidate picked on the selection fold.
+        assert task["sdr256"]["selected_regret_points"] <= task["sdr256"]["regret_points"]
     assert set(results["verdict"]) >= {"tasks_won", "mean_routed", "mean_unified", "holds"}
     table = (out / "results.md").read_text()
     assert table.count("\n| ") == 5 and "footwear-3" in table

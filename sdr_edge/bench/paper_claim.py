@@ -106,6 +106,7 @@ def evaluate_task(task: TaskSpec, runs: dict[str, Path], budget: Budget, out: Pa
             "best_route": result["best_route"],
             "best_probe": result["best_probe_accuracy"],
             "regret_points": result["regret_points"],
+            "selected_regret_points": result["selected_regret_points"],
             "candidates": result["candidates_mode"],
             "num_candidates": result["num_candidates"],
             "spearman": result["spearman_score_vs_probe"],
@@ -122,9 +123,11 @@ def verdict(rows: list[dict], model: str = "sdr256", metric: str = "probe") -> d
     mean_routed = float(np.mean([r[model][metric] for r in rows]))
     mean_unified = float(np.mean([r["unified"][metric] for r in rows]))
     max_regret = float(max(r[model]["regret_points"] for r in rows))
+    max_selected = float(max(r[model]["selected_regret_points"] for r in rows))
     return {
         "model": model, "metric": metric, "tasks_won": int(wins), "tasks": len(rows),
         "mean_routed": mean_routed, "mean_unified": mean_unified, "max_regret_points": max_regret,
+        "max_selected_regret_points": max_selected,
         "holds": bool(wins >= min(3, len(rows)) and mean_routed >= mean_unified
                       and max_regret <= 1.0),
     }
@@ -132,15 +135,17 @@ def verdict(rows: list[dict], model: str = "sdr256", metric: str = "probe") -> d
 
 def markdown_table(rows: list[dict]) -> str:
     head = ("| task | unified probe | K=16 routed probe | K=256 routed probe | unified fine-tune "
-            "| K=16 fine-tune | K=256 fine-tune | K=256 route | K=256 regret (pts) |\n"
-            "|---|---|---|---|---|---|---|---|---|\n")
+            "| K=16 fine-tune | K=256 fine-tune | K=256 route | K=256 regret (pts) "
+            "| K=256 regret, selection fold (pts) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         lines.append(
             f"| {r['task']} | {100 * r['unified']['probe']:.1f} | {100 * r['sdr16']['probe']:.1f} "
             f"| {100 * r['sdr256']['probe']:.1f} | {100 * r['unified']['finetune']:.1f} "
             f"| {100 * r['sdr16']['finetune']:.1f} | {100 * r['sdr256']['finetune']:.1f} "
-            f"| {tuple(r['sdr256']['route'])} | {r['sdr256']['regret_points']:.2f} |")
+            f"| {tuple(r['sdr256']['route'])} | {r['sdr256']['regret_points']:.2f} "
+            f"| {r['sdr256']['selected_regret_points']:.2f} |")
     return head + "\n".join(lines) + "\n"
 
 

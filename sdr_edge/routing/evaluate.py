@@ -3,7 +3,9 @@
 `evaluate_routing` splits a labelled task (seeded, stratified), computes the task's signature
 with the run's kit on the train split, routes it, and scores candidate sub-nets (all K, or the
 top M by routing score) with a linear probe and kNN on frozen features. It reports the regret
-of the routed sub-net (best candidate probe accuracy minus the routed one, in points) and the
+of the routed sub-net (best candidate probe accuracy minus the routed one, in points; also
+with the best candidate picked on a selection fold of the train split, which removes the
+upward bias of taking the maximum of many noisy test scores) and the
 Spearman rank correlation between routing score and probe accuracy. `sdr-server route-eval`
 and the paper-claim benchmark are thin wrappers around it.
 """
@@ -99,6 +101,9 @@ def evaluate_routing(run_dir: str | Path, task_source: str, candidates: str | in
     if routed not in chosen:
         chosen.append(routed)
 
+    # A selection fold of the train split picks the "best" candidate without looking at the
+    # test split: the max of many noisy test scores is biased upward (winner's curse).
+    fit_idx, sel_idx = split_task(source.subset(train_idx), 0.25, seed + 1)
     rows = []
     for route in tqdm(chosen, desc="route-eval candidates", disable=not progress, leave=False):
         backbone = net.extract(route).eval()
@@ -109,12 +114,15 @@ def evaluate_routing(run_dir: str | Path, task_source: str, candidates: str | in
             "score": score_of[route],
             "score_rank": rank_of[route],
             "probe_accuracy": linear_probe_accuracy(f_tr, y_tr, f_te, y_te, seed=seed),
+            "selection_accuracy": linear_probe_accuracy(f_tr[fit_idx], y_tr[fit_idx],
+                                                        f_tr[sel_idx], y_tr[sel_idx], seed=seed),
             "knn_accuracy": knn_probe_accuracy(f_tr, y_tr, f_te, y_te, k=knn_k),
             "routed": route == routed,
         })
     routed_row = next(r for r in rows if r["routed"])
     best_row = max(rows, key=lambda r: (r["probe_accuracy"], -r["score_rank"]))
     best_knn = max(rows, key=lambda r: (r["knn_accuracy"], -r["score_rank"]))
+    selected = max(rows, key=lambda r: (r["selection_accuracy"], -r["score_rank"]))
     rho, pvalue = (float("nan"), float("nan"))
     if len(rows) >= 3:
         res = spearmanr([r["score"] for r in rows], [r["probe_accuracy"] for r in rows])
@@ -136,6 +144,10 @@ def evaluate_routing(run_dir: str | Path, task_source: str, candidates: str | in
         "best_route": best_row["route"],
         "best_probe_accuracy": best_row["probe_accuracy"],
         "regret_points": 100.0 * (best_row["probe_accuracy"] - routed_row["probe_accuracy"]),
+        "selected_route": selected["route"],
+        "selected_probe_accuracy": selected["probe_accuracy"],
+        "selected_regret_points": 100.0 * (selected["probe_accuracy"]
+                                           - routed_row["probe_accuracy"]),
         "best_knn_route": best_knn["route"],
         "knn_regret_points": 100.0 * (best_knn["knn_accuracy"] - routed_row["knn_accuracy"]),
         "routed_rank_by_probe": 1 + sum(r["probe_accuracy"] > routed_row["probe_accuracy"]
