@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from sdr_edge.federated.deployment import ProcessGroup
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -75,36 +76,12 @@ def write_client_folders(out: Path, seed: int = 0) -> dict[str, dict[str, Path]]
     return folders
 
 
-class Processes:
-    """Long-running children (registry, SuperLink, SuperNodes), each in its own session."""
+class Processes(ProcessGroup):
+    """The demo's long-running children (registry), echoed as the command a user would type."""
 
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+    def start(self, name: str, cmd: list) -> subprocess.Popen:
         print("$ " + " ".join(shlex.quote(str(c)) for c in cmd) + " &", flush=True)
-        self.logs.mkdir(parents=True, exist_ok=True)
-        with open(self.logs / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **(env or {})}, cwd=REPO,
-                                    start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in reversed(list(self.procs.values())):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=15)
-        self.procs.clear()
+        return self.spawn(name, cmd)
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
@@ -130,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
-    procs = Processes(logs)
+    procs = Processes(logs, dict(os.environ), REPO)
     t_start = time.perf_counter()
     summary: dict = {}
     try:
@@ -139,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ndemo failed: {exc}", file=sys.stderr)
         return 1
     finally:
-        procs.stop_all()
+        procs.close()
     summary["total_seconds"] = time.perf_counter() - t_start
     from server.demo_report import print_summary, write_demo_report
 
@@ -239,7 +216,7 @@ def pipeline(out: Path, config: Path, rounds: int, procs: Processes, logs: Path)
     summary["infer"] = infer
 
     say("7/7 stop the registry")
-    procs.stop_all()
+    procs.close()
     return summary
 
 

@@ -70,7 +70,7 @@ def test_agent_and_supernode_fine_tune_and_sign(fleet, tmp_path, tmp_path_factor
     with serve_registry(assets["run_dir"], tmp_path / "registry") as registry:
         fleet.start_superlink()
         config = agent_config(tmp_path / "agent", registry, fleet, assets["pub"])
-        agent = fleet._spawn("agent", [str(BIN / "sdr-client"), "agent", "--config", str(config)])
+        agent = fleet.spawn("agent", [str(BIN / "sdr-client"), "agent", "--config", str(config)])
         fleet.start_supernode("supernode-1", digits_node(1, 2, assets["kit_dir"]))
         fleet.wait_for_nodes(2, timeout=180)
         out_dir = tmp_path / "out"

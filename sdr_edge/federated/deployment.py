@@ -51,74 +51,27 @@ def kv_config(values: dict[str, object]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
 
 
-class Fleet:
-    """One SuperLink and its SuperNodes on loopback; always call `close()`."""
+class ProcessGroup:
+    """Long-running children, each in its own session with its own log file; `close()` stops
+    each whole session (SIGTERM, then SIGKILL), newest first. The demo and `Fleet` use it."""
 
-    def __init__(self, root: Path, tls_dir: Path | None = None, auth: bool = False,
-                 app_dir: Path = APP_DIR) -> None:
-        self.root = root
-        self.app_dir = app_dir
-        self.home = root / "flwr-home"
-        self.logs = root / "logs"
-        self.home.mkdir(parents=True, exist_ok=True)
+    def __init__(self, logs: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.logs = logs
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.tls_dir = tls_dir
-        self.auth = auth
-        self.port = free_port()
+        self.env = env
+        self.cwd = cwd
         self.procs: dict[str, subprocess.Popen] = {}
-        self.env = {**os.environ, "FLWR_HOME": str(self.home),
-                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                    "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0",
-                    "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25",
-                    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        conn = [f"[superlink]\ndefault = \"{CONNECTION}\"\n",
-                f"[superlink.{CONNECTION}]", f"address = \"127.0.0.1:{self.port}\""]
-        conn.append(f"root-certificates = \"{tls_dir / 'ca.crt'}\"" if tls_dir else "insecure = true")
-        (self.home / "config.toml").write_text("\n".join(conn) + "\n")
 
-    # -- processes -------------------------------------------------------------------------
-    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                cwd=self.root, start_new_session=True)
-        log.close()
+    def spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        with open(self.logs / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT,
+                                    env=self.env, cwd=self.cwd, start_new_session=True)
         self.procs[name] = proc
         return proc
 
-    def start_superlink(self) -> None:
-        cmd = [str(BIN / "flower-superlink"), "--port", str(self.port),
-               "--disable-runtime-dependency-installation"]
-        if self.tls_dir:
-            cmd += ["--ssl-ca-certfile", str(self.tls_dir / "ca.crt"),
-                    "--ssl-certfile", str(self.tls_dir / "server.pem"),
-                    "--ssl-keyfile", str(self.tls_dir / "server.key")]
-        else:
-            cmd.append("--insecure")
-        if self.auth:
-            cmd.append("--enable-supernode-auth")
-        self._spawn("superlink", cmd)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if "Uvicorn running" in self.log("superlink"):
-                return
-            if self.procs["superlink"].poll() is not None:
-                break
-            time.sleep(0.3)
-        raise FleetError(f"SuperLink did not start:\n{self.log('superlink')[-3000:]}")
-
-    def start_supernode(self, name: str, node_config: dict[str, object],
-                        auth_key: Path | None = None, extra: list[str] | None = None
-                        ) -> subprocess.Popen:
-        cmd = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-               "--port", str(free_port()), "--node-config", kv_config(node_config)]
-        cmd += ["--root-certificates", str(self.tls_dir / "ca.crt")] if self.tls_dir \
-            else ["--insecure"]
-        if auth_key is not None:
-            cmd += ["--auth-supernode-private-key", str(auth_key)]
-        return self._spawn(name, cmd + (extra or []))
-
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Signal a process's whole session (the SuperNode and what it spawned)."""
+        """Signal a process's whole session (e.g. a SuperNode and what it spawned)."""
         proc = self.procs[name]
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
@@ -141,6 +94,62 @@ class Fleet:
     def log(self, name: str) -> str:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+class Fleet(ProcessGroup):
+    """One SuperLink and its SuperNodes on loopback; always call `close()`."""
+
+    def __init__(self, root: Path, tls_dir: Path | None = None, auth: bool = False,
+                 app_dir: Path = APP_DIR) -> None:
+        self.root = root
+        self.app_dir = app_dir
+        self.home = root / "flwr-home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.tls_dir = tls_dir
+        self.auth = auth
+        self.port = free_port()
+        env = {**os.environ, "FLWR_HOME": str(self.home),
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                    "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0",
+                    "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25",
+                    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        super().__init__(root / "logs", env, root)
+        conn = [f"[superlink]\ndefault = \"{CONNECTION}\"\n",
+                f"[superlink.{CONNECTION}]", f"address = \"127.0.0.1:{self.port}\""]
+        conn.append(f"root-certificates = \"{tls_dir / 'ca.crt'}\"" if tls_dir else "insecure = true")
+        (self.home / "config.toml").write_text("\n".join(conn) + "\n")
+
+    def start_superlink(self) -> None:
+        cmd = [str(BIN / "flower-superlink"), "--port", str(self.port),
+               "--disable-runtime-dependency-installation"]
+        if self.tls_dir:
+            cmd += ["--ssl-ca-certfile", str(self.tls_dir / "ca.crt"),
+                    "--ssl-certfile", str(self.tls_dir / "server.pem"),
+                    "--ssl-keyfile", str(self.tls_dir / "server.key")]
+        else:
+            cmd.append("--insecure")
+        if self.auth:
+            cmd.append("--enable-supernode-auth")
+        self.spawn("superlink", cmd)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if "Uvicorn running" in self.log("superlink"):
+                return
+            if self.procs["superlink"].poll() is not None:
+                break
+            time.sleep(0.3)
+        raise FleetError(f"SuperLink did not start:\n{self.log('superlink')[-3000:]}")
+
+    def start_supernode(self, name: str, node_config: dict[str, object],
+                        auth_key: Path | None = None, extra: list[str] | None = None
+                        ) -> subprocess.Popen:
+        cmd = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+               "--port", str(free_port()), "--node-config", kv_config(node_config)]
+        cmd += ["--root-certificates", str(self.tls_dir / "ca.crt")] if self.tls_dir \
+            else ["--insecure"]
+        if auth_key is not None:
+            cmd += ["--auth-supernode-private-key", str(auth_key)]
+        return self.spawn(name, cmd + (extra or []))
 
     def all_logs(self, tail: int = 4000) -> str:
         return "\n".join(f"===== {p.name} =====\n{p.read_text(errors='replace')[-tail:]}"
