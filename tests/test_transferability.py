@@ -55,3 +55,30 @@ def test_knn_loo_and_rerank_order() -> None:
     assert [r for r, _ in order] == [(1, 1), (0, 0)]
     with pytest.raises(ValueError, match="needs labels"):
         rerank([(0, 0)], feats.__getitem__, "logme")
+
+
+def test_rerank_eval_on_a_tiny_run(tmp_path) -> None:
+    """Every option picks one of the top-M signature candidates; costs and regrets add up."""
+    from helpers_rundir import build_tiny_run
+
+    from sdr_edge.routing.rerank_eval import OPTIONS, evaluate_rerank
+
+    run = build_tiny_run(tmp_path / "run")
+    res = evaluate_rerank(run, "builtin:digits", top_m=4, random_routes=3, labels_per_class=5,
+                          image_limit=300, seed=0)
+    tops = [c["route"] for c in res["candidates"]]
+    assert len(tops) == 4 and res["random_routes"] == 3
+    assert res["labelled_images"] == 50
+    assert res["options"]["signature"]["route"] == tops[0]
+    for name in OPTIONS:
+        row = res["options"][name]
+        assert row["route"] in tops
+        assert row["regret_points"] >= 0
+        assert row["minus_random_points"] == pytest.approx(
+            100 * (row["probe"] - res["random_mean_probe"]))
+    sig_bytes = res["options"]["signature"]["bytes"]
+    assert sig_bytes > 1000 and res["options"]["rankme"]["bytes"] == 4 * sig_bytes
+    # the re-ranked pick is the candidate with the highest score of its method
+    best_knn = max(res["candidates"], key=lambda c: c["knn"])["knn"]
+    picked = next(c for c in res["candidates"] if c["route"] == res["options"]["knn"]["route"])
+    assert picked["knn"] == best_knn
