@@ -1,4 +1,5 @@
-"""Image sources by name: `builtin:digits`, `fashion-mnist[:train|:test]`, or a folder path.
+"""Image sources by name: `builtin:digits`, `fashion-mnist[:train|:test]`, `glyphs:SCRIPTS`,
+a mixed pool `mix:PART+PART`, or a folder path.
 
 Every source yields uint8 images already at the configured size and channel count, so the
 training loop and the evaluation transform never resize again.
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdr_edge.data import glyphs
 from sdr_edge.data.folder import scan_folder
 from sdr_edge.data.preprocess import prepare_uint8
 
@@ -140,15 +142,98 @@ def keep_classes(source: ImageSource, keep: tuple[int, ...]) -> ImageSource:
                        source.skipped)
 
 
+MIX_PREFIX = "mix:"
+
+
+def parse_mix(spec: str) -> list[tuple[str, int | None]]:
+    """'mix:fashion-mnist:train#12000+glyphs:latin' -> [(part, 12000), (part, None)]."""
+    body = spec[len(MIX_PREFIX):]
+    parts: list[tuple[str, int | None]] = []
+    for raw in body.split("+"):
+        part, sep, cap = raw.strip().rpartition("#")
+        if not sep:
+            part, cap_value = raw.strip(), None
+        else:
+            try:
+                cap_value = int(cap)
+            except ValueError:
+                cap_value = 0
+            if cap_value < 1:
+                raise ValueError(f"{spec!r}: part limit after '#' must be a positive integer, "
+                                 f"got {raw!r}")
+        if not part:
+            raise ValueError(f"mixed source {spec!r} has an empty part (use "
+                             "mix:fashion-mnist:train+glyphs:latin,cyrillic, optionally PART#N)")
+        if part.startswith(MIX_PREFIX):
+            raise ValueError(f"{spec!r}: a mixed source cannot contain another mix")
+        parts.append((part, cap_value))
+    if len(parts) < 2:
+        raise ValueError(f"mixed source {spec!r} needs at least two '+'-joined parts")
+    return parts
+
+
+def load_mix(spec: str, image_size: int, channels: int, limit: int | None,
+             seed: int) -> ImageSource:
+    """A pool of several sources; label = which part (domain) an image came from.
+
+    A part's `#N` caps it; parts without one share `limit` evenly (balanced domains). Every part
+    is loaded with the same seed, so a mix holds exactly the images its parts would alone.
+    """
+    parts = parse_mix(spec)
+    free = [i for i, (_, cap) in enumerate(parts) if cap is None]
+    caps = [cap for _, cap in parts]
+    if limit is not None and free:
+        rest = max(limit - sum(c for c in caps if c is not None), 0)
+        for j, i in enumerate(free):
+            caps[i] = rest // len(free) + (1 if j < rest % len(free) else 0)
+    loaded = [load_source(part, image_size, channels, cap, seed) if cap != 0
+              else ImageSource(part, np.zeros((0, image_size, image_size, channels), np.uint8))
+              for (part, _), cap in zip(parts, caps, strict=True)]
+    images = np.concatenate([p.images for p in loaded])
+    domains = np.concatenate([np.full(len(p), i, dtype=np.int64) for i, p in enumerate(loaded)])
+    skipped = [s for p in loaded for s in p.skipped]
+    source = ImageSource(spec, images, domains, tuple(part for part, _ in parts), skipped)
+    if limit is not None and limit < len(source):  # explicit part caps add up past `limit`
+        index = np.sort(np.random.default_rng(seed).choice(len(source), limit, replace=False))
+        source = source.subset(index)
+        source.skipped = skipped
+    return source
+
+
+def load_glyph_source(spec: str, image_size: int, channels: int, limit: int | None, seed: int,
+                      keep: tuple[int, ...] | None) -> ImageSource:
+    """Rendered glyphs: exactly `limit` images (balanced over the kept classes) when given."""
+    gspec = glyphs.parse_glyph_spec(spec)
+    count = None
+    if limit is not None:
+        count = limit
+    elif keep is not None:
+        count = gspec.per_class * len(keep)
+    images, labels, names = glyphs.render_glyphs(gspec, image_size, channels, count, seed, keep)
+    return ImageSource(spec, images, labels, names)
+
+
 def load_source(spec: str, image_size: int, channels: int = 1, limit: int | None = None,
                 seed: int = 0) -> ImageSource:
     """Load a source by name at image_size x image_size x channels.
 
     `NAME@i,j,k` keeps only classes i, j, k (relabelled 0..2), e.g. fashion-mnist:test@5,7,9.
     `limit` keeps a seeded random subset (labels follow), for small configs and tests.
+    `glyphs:SCRIPTS[:pool|heldout|all][:n=PER_CLASS]` renders printed characters (see
+    sdr_edge.data.glyphs); with `limit` exactly that many, balanced over the classes.
+    `mix:PART+PART[#N]...` concatenates sources (labels = part index; see load_mix); a class
+    filter belongs to a part (`mix:fashion-mnist:train@5,7+glyphs:latin`).
     """
+    if spec.startswith(MIX_PREFIX):
+        return load_mix(spec, image_size, channels, limit, seed)
     full_spec = spec
     spec, keep = split_class_filter(spec)
+    if spec == "glyphs" or spec.startswith("glyphs:"):
+        source = load_glyph_source(spec, image_size, channels, limit, seed, keep)
+        if keep is not None:
+            source = keep_classes(source, keep)
+        source.name = full_spec
+        return source
     if spec == "builtin:digits":
         raw, labels = load_digits_raw()
         source = ImageSource(spec, _resize_all(raw, image_size, channels), labels,
@@ -167,7 +252,8 @@ def load_source(spec: str, image_size: int, channels: int = 1, limit: int | None
         if not path.exists():
             raise FileNotFoundError(
                 f"data source {spec!r} is neither a known name (builtin:digits, fashion-mnist, "
-                "fashion-mnist:train, fashion-mnist:test) nor an existing folder"
+                "fashion-mnist:train, fashion-mnist:test, glyphs:SCRIPTS, mix:A+B) nor an "
+                "existing folder"
             )
         scan = scan_folder(path, image_size, channels)
         source = ImageSource(str(path), scan.images, scan.labels, scan.label_names,
