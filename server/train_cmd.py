@@ -2,7 +2,8 @@
 
 Phases: SimSiam on all data (the teacher), residual k-means codes, then one progressive SiamKD
 phase per routing level, the signature kit and the report. Rerunning the same command after a
-crash resumes from the last checkpoint. Under `torchrun` it trains with DDP (NCCL on CUDA,
+crash resumes from the last checkpoint (or, when that one is corrupt, the one before it;
+`--restart` starts over when none verifies). Under `torchrun` it trains with DDP (NCCL on CUDA,
 gloo on CPU).
 """
 
@@ -29,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
                         help="override [train] device")
     parser.add_argument("--seed", type=int, help="override [train] seed")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard RUN_DIR's own checkpoints (e.g. when none verifies) and "
+                             "train the same run again from the start")
 
 
 QUIET_LOGGERS = ("faiss", "onnx_ir", "onnxscript")  # chatty at INFO; -v shows them
@@ -36,6 +40,7 @@ QUIET_LOGGERS = ("faiss", "onnx_ir", "onnxscript")  # chatty at INFO; -v shows t
 
 def run(args: argparse.Namespace) -> int:
     from sdr_edge.training import ConfigError, RunConflictError, load_config, train
+    from sdr_edge.training.checkpoint import CheckpointError
 
     if not getattr(args, "verbose", False):
         for name in QUIET_LOGGERS:
@@ -44,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"train": {"device": args.device, "seed": args.seed}, "data": {"source": args.data}}
     try:
         cfg = load_config(args.config, overrides)
-        result = train(cfg, args.out, unified=args.unified)
-    except (ConfigError, RunConflictError) as exc:
+        result = train(cfg, args.out, unified=args.unified, restart=args.restart)
+    except (ConfigError, RunConflictError, CheckpointError) as exc:
         raise CommandError(str(exc)) from None
     if result.rank != 0:
         return 0

@@ -13,11 +13,16 @@ functions, so the layout lives in one place:
     checkpoints/           resumable training state
     report/                plots a person can look at
     manifest.json          sha256 of every file above
+
+Writers stage under hidden names (`.kit.XXXX/` folders, `.NAME.XXXX.tmp` files from
+atomic_write); a kill can leave them behind. `clean_staging` removes exactly those names, and
+the manifest never lists a hidden or `.tmp` entry.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -38,6 +43,9 @@ KIT_DIR = "kit"
 REPORT_DIR = "report"
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST = "manifest.json"
+RUN_ENTRIES = frozenset({CONFIG, METRICS, TEACHER, CODEBOOKS, CODES, SDRNET, KIT_DIR, REPORT_DIR,
+                         CHECKPOINT_DIR, MANIFEST})
+TMP_SUFFIX = ".tmp"
 
 
 class RunDirError(ValueError):
@@ -105,12 +113,58 @@ def load_codes(run_dir: str | Path) -> tuple[torch.Tensor, dict]:
     return tensors["codes"], meta or {}
 
 
+def _is_staging(rel: Path) -> bool:
+    """Hidden (staging) names anywhere in the path, or a temporary file."""
+    return any(part.startswith(".") for part in rel.parts) or rel.name.endswith(TMP_SUFFIX)
+
+
 def run_files(run_dir: Path) -> list[Path]:
-    """Every file that belongs in the manifest (checkpoints excluded: they are scratch)."""
-    skip = {MANIFEST}
-    return sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name not in skip
+    """Every file that belongs in the manifest (checkpoints and staging leftovers excluded)."""
+    run_dir = Path(run_dir)
+    return sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != MANIFEST
                   and CHECKPOINT_DIR not in p.relative_to(run_dir).parts
-                  and not p.name.startswith("."))
+                  and not _is_staging(p.relative_to(run_dir)))
+
+
+def staging_leftovers(run_dir: str | Path) -> list[Path]:
+    """What a killed writer of this project leaves: `.kit.*` staging folders in the run dir and
+    temporary files (`.NAME.*.tmp` from atomic_write, any `report/*.tmp`). Symlinks are never
+    listed, so cleaning cannot reach outside the run dir."""
+    run_dir = Path(run_dir)
+    found: list[Path] = []
+    for p in run_dir.glob(".*"):
+        if p.is_symlink():
+            continue
+        if (p.is_dir() and p.name.startswith(f".{KIT_DIR}.")) or (
+                p.is_file() and p.name.endswith(TMP_SUFFIX)):
+            found.append(p)
+    for sub in (CHECKPOINT_DIR, REPORT_DIR, KIT_DIR):
+        folder = run_dir / sub
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        for p in folder.iterdir():
+            if (p.is_file() and not p.is_symlink() and p.name.endswith(TMP_SUFFIX)
+                    and (p.name.startswith(".") or sub == REPORT_DIR)):
+                found.append(p)
+    return sorted(found)
+
+
+def clean_staging(run_dir: str | Path) -> list[Path]:
+    """Remove the staging leftovers of an earlier, killed run (see `staging_leftovers`)."""
+    removed = staging_leftovers(run_dir)
+    for p in removed:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+    return removed
+
+
+def foreign_entries(run_dir: str | Path) -> list[str]:
+    """Top-level names in `run_dir` that sdr-server train neither writes nor stages."""
+    run_dir = Path(run_dir)
+    staged = set(staging_leftovers(run_dir))
+    return sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES and p not in staged)
 
 
 def write_run_manifest(run_dir: str | Path, info: dict | None = None) -> Path:

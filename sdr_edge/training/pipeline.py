@@ -35,8 +35,17 @@ from sdr_edge.models.resnet import Backbone
 from sdr_edge.models.sdrnet import SDRnet
 from sdr_edge.ssl.heads import SimSiamHeads
 from sdr_edge.training import distributed as dd
-from sdr_edge.training.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from sdr_edge.training.config import TrainConfig, dump_config
+from sdr_edge.training.checkpoint import (
+    Checkpoint,
+    checkpoint_path,
+    discard_checkpoints,
+    load_checkpoint,
+    previous_path,
+    restore_rng,
+    save_checkpoint,
+    set_aside,
+)
+from sdr_edge.training.config import TrainConfig, dump_config, parse_config_text
 from sdr_edge.training.epochs import EpochPlan, embed, knn_monitor, train_epoch
 from sdr_edge.training.metrics import MetricsLog
 from sdr_edge.training.siamese import FrozenTeacher, SiameseNet, make_optimizer, scaled_lr
@@ -95,12 +104,13 @@ def load_teacher_heads(run_dir: Path, cfg: TrainConfig, feature_dim: int) -> Sim
     return heads
 
 
-def _first_difference(a: Any, b: Any, path: str = "") -> str:
+def _first_difference(a: Any, b: Any, path: str = "", where: str = "the checkpoint") -> str:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
             if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
-    return f"{path}: {a!r} in the checkpoint, {b!r} now"
+                return _first_difference(a.get(key), b.get(key),
+                                         f"{path}.{key}" if path else key, where)
+    return f"{path}: {a!r} in {where}, {b!r} now"
 
 
 def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -112,12 +122,13 @@ class Trainer:
     """Runs (or resumes) one training run into `run_dir`."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, unified: bool = False,
-                 env: dd.DistEnv | None = None) -> None:
+                 env: dd.DistEnv | None = None, restart: bool = False) -> None:
         if not cfg.data.source:
             raise ValueError("no data source: pass --data SOURCE or set [data] source")
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.unified = unified
+        self.restart = restart
         self.kind = "unified" if unified else "sdr"
         self.env = env or dd.DistEnv()
         self.metrics = MetricsLog(self.run_dir, enabled=self.env.is_main)
@@ -150,23 +161,67 @@ class Trainer:
                                            "metrics_bytes": self.metrics.size()},
                             modules, optimizers)
 
-    def _open_run_dir(self) -> bool:
-        """Check RUN_DIR, load a checkpoint of the same run; True when it is already finished."""
-        self.ckpt = load_checkpoint(self.run_dir) if self.run_dir.exists() else None
+    def _check_ours(self, restart: bool) -> None:
+        """Refuse an --out that is a file, or a non-empty folder sdr-server train did not write.
+
+        Without a checkpoint, a folder is ours when every top-level entry is a run-dir name (or
+        a staging leftover) and config.toml parses as a training config equal to this one.
+        """
+        out = self.run_dir
+        if out.exists() and not out.is_dir():
+            raise RunConflictError(f"--out {out} is a file, not a folder; pass a run folder")
+        if not out.is_dir() or not any(out.iterdir()):
+            return
+        if not restart and any(p.is_file() for p in (checkpoint_path(out), previous_path(out))):
+            return  # the checkpoint's own format and identity checks decide
+        foreign = rd.foreign_entries(out)
+        config = out / rd.CONFIG
+        if foreign or not config.is_file():
+            what = f"it holds {foreign[0]!r}" if foreign else f"it has no {rd.CONFIG}"
+            raise RunConflictError(f"{out} is not empty and is not a run folder of sdr-server "
+                                   f"train ({what}); pass another --out")
+        try:
+            theirs = parse_config_text(config.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
+            raise RunConflictError(f"{out} is not empty and its {rd.CONFIG} is not an sdr-edge "
+                                   f"training config ({str(exc).splitlines()[0]}); "
+                                   "pass another --out") from None
+        if theirs.to_dict() != self.cfg.to_dict():
+            diff = _first_difference(theirs.to_dict(), self.cfg.to_dict(), where=rd.CONFIG)
+            raise RunConflictError(f"{out} holds a different run ({diff}); pass another --out, "
+                                   "or delete the folder to start over")
+
+    def _open_run_dir(self, restart: bool = False) -> bool:
+        """Check RUN_DIR, clean a killed run's staging leftovers, load a checkpoint of the same
+        run; True when it is already finished. `restart` discards the run's own checkpoints."""
+        self._check_ours(restart)
+        self.ckpt = None
+        if not self.run_dir.is_dir():
+            return False
+        if restart:
+            if self.env.is_main:
+                for p in discard_checkpoints(self.run_dir):
+                    log.info("--restart: removed %s", p)
+                (self.run_dir / rd.MANIFEST).unlink(missing_ok=True)  # it describes the old run
+        else:
+            self.ckpt = load_checkpoint(self.run_dir)
         if self.ckpt is not None:
             if self.ckpt.meta.get("identity") != self.identity:
                 diff = _first_difference(self.ckpt.meta.get("identity"), self.identity)
                 raise RunConflictError(
                     f"{self.run_dir} holds a different run ({diff}); pass another --out, "
                     "or delete the folder to start over")
-            if self.ckpt.meta["phase"] == DONE and (self.run_dir / rd.MANIFEST).exists():
-                return True
-        elif (self.run_dir.exists() and any(self.run_dir.iterdir())
-              and ((self.run_dir / rd.MANIFEST).exists()
-                   or not (self.run_dir / rd.CONFIG).exists())):
+            if self.ckpt.fallback is not None and self.env.is_main:
+                log.warning("%s; resuming from %s", self.ckpt.fallback, self.ckpt.path)
+        elif not restart and (self.run_dir / rd.MANIFEST).exists():
             raise RunConflictError(
-                f"{self.run_dir} is not empty and holds no resumable run; pass another --out")
-        return False
+                f"{self.run_dir} holds a finished run without checkpoints; pass another --out, "
+                "or --restart to train it again from the start")
+        if self.env.is_main:  # only now is the folder known to be ours
+            for p in rd.clean_staging(self.run_dir):
+                log.info("removed %s (left by an interrupted run)", p)
+        return self.ckpt is not None and self.ckpt.meta["phase"] == DONE and (
+            self.run_dir / rd.MANIFEST).exists()
 
     # ----- data ---------------------------------------------------------------------------
 
@@ -409,8 +464,10 @@ class Trainer:
 
     def run(self) -> TrainResult:
         t0 = time.perf_counter()
-        done = self._open_run_dir()
+        done = self._open_run_dir(self.restart)
         self.env.barrier()
+        if self.ckpt is not None and self.ckpt.fallback is not None and self.env.is_main:
+            set_aside(checkpoint_path(self.run_dir))  # every rank has read it: never let it be prev
         if done:
             skipped = json.loads((self.run_dir / rd.MANIFEST).read_text()).get("skipped_images", 0)
             return TrainResult(self.run_dir, self.kind, False, True, int(skipped), 0, 0.0,
@@ -430,6 +487,9 @@ class Trainer:
             if self.env.is_main:
                 log.info("resuming from checkpoint: phase %s, %d epoch(s) done", *pos)
             self.metrics.event("resumed", phase=pos[0], epoch=pos[1])
+            if self.ckpt.fallback is not None:
+                self.metrics.event("checkpoint_fallback", reason=self.ckpt.fallback,
+                                   used=str(self.ckpt.path))
         else:
             self.metrics.truncate(0)
             self.metrics.event("skipped_images", count=len(self.source.skipped),
@@ -463,7 +523,7 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, *, unified: bool = False,
-          source: str | None = None) -> TrainResult:
+          source: str | None = None, restart: bool = False) -> TrainResult:
     """Set up (distributed) devices, run or resume the training, tear down."""
     if source:
         cfg = replace(cfg, data=replace(cfg.data, source=source))
@@ -472,7 +532,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, unified: bool = False,
         torch.set_num_threads(cfg.train.threads)
     env = dd.setup(cfg.train.device)
     try:
-        return Trainer(cfg, run_dir, unified=unified, env=env).run()
+        return Trainer(cfg, run_dir, unified=unified, env=env, restart=restart).run()
     finally:
         dd.teardown(env)
         torch.set_num_threads(threads)  # leave an embedding process as it was
