@@ -1,7 +1,8 @@
 """Score candidate sub-nets on a labelled task and report the regret of the signature's route.
 
 Writes OUT/route_eval.json (routed and best route, accuracies, regret in points, Spearman
-correlation between routing score and linear-probe accuracy, a per-candidate table) and
+correlation between routing score and linear-probe accuracy, a per-candidate table, and the
+controls: R random routes, the lowest-scored route, the run's phase-0 teacher) and
 OUT/route_eval.png (score vs probe accuracy, the routed sub-net highlighted).
 """
 
@@ -25,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", default="all",
                         help="'all' sub-nets, or 'topM' by routing score (the routed one is "
                              "always included)")
+    parser.add_argument("--random-routes", type=int, default=8, metavar="R",
+                        help="also probe R seeded random routes and the lowest-scored route as "
+                             "controls (0: none; default 8)")
     parser.add_argument("--image-limit", type=int, default=None,
                         help="use a seeded random subset of this many task images")
     parser.add_argument("--test-fraction", type=float, default=0.3)
@@ -44,11 +48,14 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"run directory not found: {args.run}")
     if args.image_limit is not None and args.image_limit < 4:
         raise CommandError("--image-limit must be at least 4")
+    if args.random_routes < 0:
+        raise CommandError("--random-routes must be >= 0")
     try:
         parse_candidates(args.candidates)
         result = evaluate_routing(args.run, args.task, args.candidates,
                                   image_limit=args.image_limit, test_fraction=args.test_fraction,
-                                  seed=args.seed, batch_size=args.batch_size, knn_k=args.knn_k)
+                                  seed=args.seed, batch_size=args.batch_size, knn_k=args.knn_k,
+                                  random_routes=args.random_routes)
     except (RunDirError, KitError) as exc:
         raise CommandError(str(exc)) from exc
     args.out.mkdir(parents=True, exist_ok=True)
@@ -57,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     summary = {k: result[k] for k in (
         "task", "routed_route", "routed_probe_accuracy", "best_route", "best_probe_accuracy",
         "regret_points", "spearman_score_vs_probe", "num_candidates")}
+    if args.random_routes:
+        summary["random_probe_accuracy"] = result["random_probe_accuracy"]
+        summary["routed_minus_random_points"] = result["routed_minus_random_points"]
     summary["json"], summary["plot"] = str(args.out / RESULT_JSON), str(args.out / RESULT_PNG)
     print(json.dumps(summary))
     return 0

@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 from tiny_run import make_tiny_run
 
-from sdr_edge.routing.evaluate import evaluate_routing, parse_candidates
+from sdr_edge.routing.evaluate import (
+    evaluate_routing,
+    parse_candidates,
+    plot_routing,
+    random_control_routes,
+)
 from sdr_edge.routing.probe import linear_probe_accuracy
 
 
@@ -47,6 +52,61 @@ def test_top1_is_the_routed_subnet(tiny_run):
     assert res["spearman_score_vs_probe"] is None
 
 
+def test_controls_random_and_lowest_routes(tiny_run):
+    res = evaluate_routing(tiny_run, "builtin:digits", "top1", image_limit=200, random_routes=2,
+                           include_teacher=False, progress=False)
+    routed = res["routed_route"]
+    assert res["routed_score_rank"] == 1  # the routed sub-net is the top-scored route
+    rand = res["random_routes"]
+    assert len(rand) == 2 and rand[0] != rand[1] and routed not in rand
+    assert res["lowest_score_rank"] == res["num_subnets"] == 4
+    assert res["lowest_route"] != routed
+    by_route = {tuple(c["route"]): c for c in res["controls"]}
+    assert res["random_probe_accuracies"] == [by_route[tuple(r)]["probe_accuracy"] for r in rand]
+    assert res["random_probe_accuracy"] == pytest.approx(np.mean(res["random_probe_accuracies"]))
+    assert res["routed_minus_random_points"] == pytest.approx(
+        100 * (res["routed_probe_accuracy"] - res["random_probe_accuracy"]))
+    assert res["lowest_probe_accuracy"] == by_route[tuple(res["lowest_route"])]["probe_accuracy"]
+    # Controls are not candidates: the regret over the top-1 candidate stays 0.
+    assert res["num_candidates"] == 1 and res["regret_points"] == 0.0
+    again = evaluate_routing(tiny_run, "builtin:digits", "top1", image_limit=200,
+                             random_routes=2, include_teacher=False, progress=False)
+    assert again["random_routes"] == rand  # seeded
+
+
+def test_random_control_routes_are_distinct_seeded_and_exclude_the_routed_one():
+    branching, routed = (4, 4, 4, 4), (1, 2, 3, 0)
+    draws = [random_control_routes(branching, routed, 8, seed) for seed in range(3)]
+    for d in draws:
+        assert len(d) == len(set(d)) == 8 and routed not in d
+    assert draws[0] == random_control_routes(branching, routed, 8, 0)
+    assert draws[0] != draws[1] != draws[2]
+    # More than the other sub-nets: every other route, once.
+    assert sorted(random_control_routes((2, 2), (0, 1), 10, 0)) == [(0, 0), (1, 0), (1, 1)]
+    assert random_control_routes((2, 2), (0, 1), 0, 0) == []
+    with pytest.raises(ValueError, match=">= 0"):
+        random_control_routes((2, 2), (0, 1), -1, 0)
+
+
+def test_plot_labels_each_reference_for_what_it_is(tiny_run, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    res = evaluate_routing(tiny_run, "builtin:digits", "all", image_limit=200, random_routes=2,
+                           progress=False)
+    labels: list[str] = []
+    real_savefig = Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        labels.extend(t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts())
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    plot_routing(res, tmp_path / "p.png", unified_probe_accuracy=0.5)
+    assert "teacher (phase 0)" in labels and "unified (own run)" in labels
+    assert "random routes (2)" in labels
+    assert not any("teacher (unified)" in t for t in labels)
+
+
 def test_parse_candidates():
     assert parse_candidates("all") is None
     assert parse_candidates("top8") == 8 and parse_candidates("3") == 3
@@ -71,8 +131,11 @@ def test_cli_writes_json_and_plot(tiny_run, tmp_path, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["num_candidates"] == 2
+    # The default 8 random controls are capped at the 3 other sub-nets of this K = 4 run.
+    assert summary["routed_minus_random_points"] is not None
     saved = json.loads((out / "route_eval.json").read_text())
     assert saved["routed_route"] == summary["routed_route"]
+    assert len(saved["random_routes"]) == 3
     png = (out / "route_eval.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -87,6 +150,10 @@ def test_cli_errors(tiny_run, tmp_path, capsys):
     args = ["route-eval", "--run", str(tiny_run), "--out", str(tmp_path / "o")]
     assert main([*args, "--task", str(unlabeled)]) == 2
     assert "has no labels" in capsys.readouterr().err
+    assert main([*args, "--task", "builtin:digits", "--candidates", "best"]) == 2
+    assert "topM" in capsys.readouterr().err
+    assert main([*args, "--task", "builtin:digits", "--random-routes", "-1"]) == 2
+    assert "--random-routes must be >= 0" in capsys.readouterr().err
     assert main([*args, "--task", "builtin:digits", "--candidates", "best"]) == 2
     assert "topM" in capsys.readouterr().err
     assert main(["route-eval", "--run", str(tmp_path / "none"), "--task", "builtin:digits",

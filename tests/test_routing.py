@@ -135,6 +135,8 @@ def test_any_valid_signature_round_trips_and_routes_to_its_top_score(case):
     back = Signature.from_json(sig.to_json(), branching)
     assert back.count == count
     assert score_routes(back)[0][1] == pytest.approx(route_score(back, route_signature(back)))
+    # The bench's "routed" control relies on it: the majority route is the top-scored one.
+    assert score_routes(back)[0][0] == route_signature(back)
 
 
 def test_laplace_noise_statistics():

@@ -6,8 +6,11 @@ top M by routing score) with a linear probe and kNN on frozen features. It repor
 of the routed sub-net (best candidate probe accuracy minus the routed one, in points; also
 with the best candidate picked on a selection fold of the train split, which removes the
 upward bias of taking the maximum of many noisy test scores) and the
-Spearman rank correlation between routing score and probe accuracy. `sdr-server route-eval`
-and the paper-claim benchmark are thin wrappers around it.
+Spearman rank correlation between routing score and probe accuracy. Controls put the routed
+sub-net in context: R seeded random routes (distinct, never the routed one), the lowest-scored
+route, and the run's phase-0 teacher (the model SiamKD distils toward; it is *not* the unified
+baseline, which is a separate run). `sdr-server route-eval` and the paper-claim benchmark are
+thin wrappers around it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from sdr_edge.artifacts.run_dir import KIT_DIR, load_sdrnet, load_teacher
 from sdr_edge.data.sources import ImageSource, load_source
 from sdr_edge.routing.kit_runtime import KitRunner, compute_signature
 from sdr_edge.routing.probe import extract_features, knn_probe_accuracy, linear_probe_accuracy
-from sdr_edge.routing.signature import Route, route_signature, score_routes
+from sdr_edge.routing.signature import Route, all_routes, route_signature, score_routes
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +75,36 @@ def _nan_to_none(v: float) -> float | None:
     return None if v is None or not math.isfinite(v) else float(v)
 
 
+def random_control_routes(branching: tuple[int, ...], routed: Route, count: int, seed: int
+                          ) -> list[Route]:
+    """`count` distinct routes drawn uniformly (seeded) from all routes except the routed one.
+
+    Drawn from the lexicographic route list, so the draw does not depend on the routing scores.
+    Fewer come back when the SDRnet has fewer than `count` other sub-nets."""
+    if count < 0:
+        raise ValueError(f"random routes must be >= 0, got {count}")
+    pool = [r for r in all_routes(branching) if r != tuple(routed)]
+    if count > len(pool):
+        log.warning("only %d routes besides the routed one: using all of them as random controls",
+                    len(pool))
+        count = len(pool)
+    rng = np.random.default_rng([seed, 0x5D7])
+    return [pool[i] for i in sorted(rng.choice(len(pool), count, replace=False))]
+
+
 def evaluate_routing(run_dir: str | Path, task_source: str, candidates: str | int | None = "all",
                      *, image_limit: int | None = None, test_fraction: float = 0.3,
                      seed: int = 0, batch_size: int = 256, knn_k: int = 20,
-                     include_teacher: bool = True, progress: bool = True) -> dict:
-    """Route a labelled task with the kit and probe candidate sub-nets; see the module docstring."""
+                     include_teacher: bool = True, random_routes: int = 0,
+                     progress: bool = True) -> dict:
+    """Route a labelled task with the kit and probe candidate sub-nets; see the module docstring.
+
+    `random_routes` R > 0 also probes R random routes and the lowest-scored route (controls:
+    they are not candidates, so they do not change the regret)."""
     run_dir = Path(run_dir)
     top_m = parse_candidates(candidates)
+    if random_routes < 0:
+        raise ValueError(f"random routes must be >= 0, got {random_routes}")
     net, spec = load_sdrnet(run_dir)
     runner = KitRunner(run_dir / KIT_DIR)
     if (runner.spec.image_size, runner.spec.channels) != (spec.image_size, spec.channels):
@@ -104,12 +130,17 @@ def evaluate_routing(run_dir: str | Path, task_source: str, candidates: str | in
     # A selection fold of the train split picks the "best" candidate without looking at the
     # test split: the max of many noisy test scores is biased upward (winner's curse).
     fit_idx, sel_idx = split_task(source.subset(train_idx), 0.25, seed + 1)
-    rows = []
-    for route in tqdm(chosen, desc="route-eval candidates", disable=not progress, leave=False):
+    randoms = random_control_routes(net.branching, routed, random_routes, seed) \
+        if random_routes else []
+    lowest = scored[-1][0]
+    controls = [*randoms, lowest] if random_routes else []
+    probed: dict[Route, dict] = {}
+    todo = chosen + [r for r in dict.fromkeys(controls) if r not in chosen]
+    for route in tqdm(todo, desc="route-eval sub-nets", disable=not progress, leave=False):
         backbone = net.extract(route).eval()
         f_tr = extract_features(backbone, x_tr, spec, batch_size)
         f_te = extract_features(backbone, x_te, spec, batch_size)
-        rows.append({
+        probed[route] = {
             "route": list(route),
             "score": score_of[route],
             "score_rank": rank_of[route],
@@ -118,7 +149,8 @@ def evaluate_routing(run_dir: str | Path, task_source: str, candidates: str | in
                                                         f_tr[sel_idx], y_tr[sel_idx], seed=seed),
             "knn_accuracy": knn_probe_accuracy(f_tr, y_tr, f_te, y_te, k=knn_k),
             "routed": route == routed,
-        })
+        }
+    rows = [probed[r] for r in chosen]
     routed_row = next(r for r in rows if r["routed"])
     best_row = max(rows, key=lambda r: (r["probe_accuracy"], -r["score_rank"]))
     best_knn = max(rows, key=lambda r: (r["knn_accuracy"], -r["score_rank"]))
@@ -155,7 +187,23 @@ def evaluate_routing(run_dir: str | Path, task_source: str, candidates: str | in
         "spearman_score_vs_probe": _nan_to_none(rho),
         "spearman_pvalue": _nan_to_none(pvalue),
         "candidates": sorted(rows, key=lambda r: r["score_rank"]),
+        "routed_score_rank": routed_row["score_rank"],
     }
+    if random_routes:
+        random_acc = [probed[r]["probe_accuracy"] for r in randoms]
+        mean_random = float(np.mean(random_acc)) if random_acc else None
+        result.update({
+            "random_routes": [list(r) for r in randoms],
+            "random_probe_accuracies": random_acc,
+            "random_probe_accuracy": mean_random,
+            "routed_minus_random_points": None if mean_random is None else
+            100.0 * (routed_row["probe_accuracy"] - mean_random),
+            "lowest_route": list(lowest),
+            "lowest_score_rank": rank_of[lowest],
+            "lowest_probe_accuracy": probed[lowest]["probe_accuracy"],
+            "controls": [{**probed[r], "control": "random"} for r in randoms]
+            + [{**probed[lowest], "control": "lowest"}],
+        })
     if include_teacher:
         teacher, _ = load_teacher(run_dir)
         f_tr = extract_features(teacher, x_tr, spec, batch_size)
@@ -165,8 +213,12 @@ def evaluate_routing(run_dir: str | Path, task_source: str, candidates: str | in
     return result
 
 
-def plot_routing(result: dict, path: str | Path) -> Path:
-    """Routing score vs probe accuracy for every candidate, routed and best highlighted."""
+def plot_routing(result: dict, path: str | Path, unified_probe_accuracy: float | None = None
+                 ) -> Path:
+    """Routing score vs probe accuracy for every candidate, routed and best highlighted.
+
+    Each reference is labelled for what it is: the run's own phase-0 teacher, the random and
+    lowest-scored controls, and (when given) the unified baseline, a separate pre-training run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,9 +234,21 @@ def plot_routing(result: dict, path: str | Path) -> Path:
     routed = next(r for r in rows if r["routed"])
     ax.scatter([routed["score"]], [100 * routed["probe_accuracy"]], s=140, marker="*",
                color="tab:red", label=f"routed {tuple(routed['route'])}")
+    controls = result.get("controls") or []
+    rand = [r for r in controls if r["control"] == "random"]
+    if rand:
+        ax.scatter([r["score"] for r in rand], [100 * r["probe_accuracy"] for r in rand], s=36,
+                   marker="x", color="tab:orange", label=f"random routes ({len(rand)})")
+    for r in controls:
+        if r["control"] == "lowest":
+            ax.scatter([r["score"]], [100 * r["probe_accuracy"]], s=60, marker="v",
+                       color="tab:purple", label=f"lowest-scored {tuple(r['route'])}")
     if result.get("teacher_probe_accuracy") is not None:
         ax.axhline(100 * result["teacher_probe_accuracy"], color="gray", ls="--", lw=1,
-                   label="teacher (unified)")
+                   label="teacher (phase 0)")
+    if unified_probe_accuracy is not None:
+        ax.axhline(100 * unified_probe_accuracy, color="black", ls=":", lw=1,
+                   label="unified (own run)")
     rho = result.get("spearman_score_vs_probe")
     ax.set_title(f"{result['task']}: regret {result['regret_points']:.2f} pts, "
                  f"Spearman {'n/a' if rho is None else f'{rho:.2f}'}", fontsize=10)
