@@ -189,6 +189,20 @@ class AgentState:
         self.save()
 
 
+def claim_state_dir(state_dir: Path) -> None:
+    """The state_dir must be new, empty or an agent's (it holds our agent-state.json).
+
+    The agent replaces kit/, subnet/ and finetuned/ in it; a folder holding anything else is
+    refused so that no user file is ever replaced.
+    """
+    if state_dir.is_symlink() or (state_dir.exists() and not state_dir.is_dir()):
+        raise AgentError(f"agent.state_dir {state_dir} exists and is not a folder")
+    if state_dir.is_dir() and any(state_dir.iterdir()) and not (state_dir / STATE_FILE).is_file():
+        raise AgentError(f"agent.state_dir {state_dir} is not empty and holds no {STATE_FILE}; "
+                         "refusing to use it (name a new or empty folder)")
+    state_dir.mkdir(parents=True, exist_ok=True)
+
+
 def _alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -203,10 +217,13 @@ def _alive(pid: int | None) -> bool:
 class Agent:
     """Runs the steps in order, skipping what a previous run completed."""
 
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, restart: bool = False) -> None:
         self.cfg = cfg
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        claim_state_dir(cfg.state_dir)
         self.state = AgentState(cfg.state_dir / STATE_FILE)
+        if restart:  # forget the steps, keep the (checked) state file that marks the folder
+            self.state.data["steps"] = {}
+        self.state.save()  # from the first moment the folder is recognisably the agent's
 
     # -- the steps ---------------------------------------------------------------------------
     def run(self) -> Path | None:

@@ -27,16 +27,14 @@ def _raise_on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler s
 
 
 def run(args: argparse.Namespace) -> int:
-    from client.agent import STATE_FILE, Agent, AgentConfig, AgentError
+    from client.agent import Agent, AgentConfig, AgentError
     from client.registry_client import RegistryError
 
     logging.getLogger("sdr_edge").setLevel(logging.INFO)
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)  # stop cleanly on SIGTERM too
     try:
         cfg = AgentConfig.load(args.config)
-        if args.restart:
-            (cfg.state_dir / STATE_FILE).unlink(missing_ok=True)
-        bundle = Agent(cfg).run()
+        bundle = Agent(cfg, restart=args.restart).run()
     except (AgentError, RegistryError) as exc:
         raise CommandError(str(exc)) from exc
     except KeyboardInterrupt:

@@ -1,8 +1,9 @@
 """Fetch the sub-net for a signature (or a route, or the signature kit) from the registry.
 
 The bundle's Ed25519 signature and every sha256 are checked in memory; only then is it
-written to a staging folder renamed to --out. A tampered or unsigned bundle is refused and
-nothing is left in --out. The token may come from --token, --token-file or $SDR_REGISTRY_TOKEN
+written to a staging folder swapped in at --out. A tampered or unsigned bundle is refused and
+nothing is left in --out. --out must be a new or empty folder or an earlier bundle/kit: a
+folder holding anything else is refused, never replaced. The token may come from --token, --token-file or $SDR_REGISTRY_TOKEN
 (the latter two keep it out of the process list).
 """
 
@@ -65,25 +66,28 @@ def _load_signature(path: Path) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from client.registry_client import RegistryError, fetch_bundle, get_kit
+    from sdr_edge.artifacts.staging import OutputError, check_replaceable_dir, resolve_out
     from sdr_edge.artifacts.transfer import TransferError
 
     if not getattr(args, "verbose", False):
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     token = resolve_token(args.token, args.token_file)
     pubkey = load_key_arg(args.pubkey, "--pubkey")
-    if args.out.exists() and not args.out.is_dir():
-        raise CommandError(f"--out {args.out} exists and is not a folder")
+    try:  # refuse a folder we did not write before downloading anything
+        check_replaceable_dir(resolve_out(args.out))
+    except OutputError as exc:
+        raise CommandError(f"--out {exc}") from exc
     if args.kit:
         try:
             out = get_kit(args.server, token, pubkey, args.out, cacert=args.cacert)
-        except (RegistryError, TransferError) as exc:
+        except (RegistryError, TransferError, OutputError) as exc:
             raise CommandError(str(exc)) from exc
         print(json.dumps({"kit": str(out), "verified": True}))
         return 0
     target = _load_signature(args.signature) if args.signature else args.route
     try:
         out = fetch_bundle(args.server, token, target, pubkey, args.out, cacert=args.cacert)
-    except (RegistryError, TransferError) as exc:
+    except (RegistryError, TransferError, OutputError) as exc:
         raise CommandError(str(exc)) from exc
     manifest = json.loads((out / "manifest.json").read_text())
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())

@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sdr_edge.artifacts.bundle import BundleError
     from sdr_edge.artifacts.signing import SignatureError
+    from sdr_edge.artifacts.staging import OutputError, check_replaceable_dir, resolve_out
     from sdr_edge.pruning import PruningError, prune_bundle
 
     server_pub = load_key_arg(args.pubkey, "--pubkey")
@@ -40,10 +41,14 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"bundle folder not found: {args.bundle}")
     if args.out.resolve() == args.bundle.resolve():
         raise CommandError("--out must differ from --bundle")
+    try:  # a folder we did not write is refused before minutes of pruning
+        check_replaceable_dir(resolve_out(args.out))
+    except OutputError as exc:
+        raise CommandError(f"--out {exc}") from exc
     try:
         summary = prune_bundle(args.bundle, server_pub, device_key, args.out, args.macs_ratio,
                                max_steps=args.max_steps, max_channel_ratio=args.max_channel_ratio)
-    except (BundleError, SignatureError, PruningError) as exc:
+    except (BundleError, SignatureError, PruningError, OutputError) as exc:
         raise CommandError(str(exc)) from exc
     summary.pop("channel_widths", None)
     print(json.dumps(summary))

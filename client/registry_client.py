@@ -2,8 +2,9 @@
 
 Used by `sdr-client fetch`, the client agent and the Flower server. Downloads are read into
 memory with a size cap, unpacked only as plain files, verified (Ed25519 signature, every
-sha256, nothing unlisted) and only then written to a staging folder renamed into place: a
-refused download leaves nothing in the output folder.
+sha256, nothing unlisted) and only then written to a staging folder swapped into place: a
+refused download leaves nothing in the output folder, and a folder this project did not write
+is never replaced.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from sdr_edge.artifacts.signing import load_public_key
+from sdr_edge.artifacts.staging import check_replaceable_dir, resolve_out
 from sdr_edge.artifacts.transfer import (
     MAX_ARCHIVE_BYTES,
     TransferError,
@@ -136,8 +138,13 @@ def _bundle_id(route_or_signature: Any, client: httpx.Client) -> tuple[str, tupl
 def fetch_bundle(url: str, token: str, route_or_signature: Any,
                  pubkey: Ed25519PublicKey | str | Path, out_dir: str | Path,
                  cacert: str | Path | None = None, max_bytes: int = MAX_ARCHIVE_BYTES) -> Path:
-    """Route (tuple, '1-2-3-0') or signature -> verified bundle folder at out_dir."""
+    """Route (tuple, '1-2-3-0') or signature -> verified bundle folder at out_dir.
+
+    out_dir must be new, empty or an earlier bundle/kit (OutputError otherwise, before any
+    download); an earlier one is replaced atomically.
+    """
     key = _pubkey(pubkey)
+    check_replaceable_dir(resolve_out(out_dir))
     with make_client(url, token, cacert) as client:
         bundle_id, route = _bundle_id(route_or_signature, client)
         data = _download(client, f"/v1/subnets/{bundle_id}", f"GET /v1/subnets/{bundle_id}",
@@ -152,8 +159,9 @@ def fetch_bundle(url: str, token: str, route_or_signature: Any,
 
 def get_kit(url: str, token: str, pubkey: Ed25519PublicKey | str | Path, out_dir: str | Path,
             cacert: str | Path | None = None, max_bytes: int = MAX_ARCHIVE_BYTES) -> Path:
-    """GET /v1/kit -> verified signature-kit folder at out_dir."""
+    """GET /v1/kit -> verified signature-kit folder at out_dir (same --out rule as a bundle)."""
     key = _pubkey(pubkey)
+    check_replaceable_dir(resolve_out(out_dir))
     with make_client(url, token, cacert) as client:
         data = _download(client, "/v1/kit", "GET /v1/kit", max_bytes)
     files = unpack_files(data)

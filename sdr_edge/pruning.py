@@ -34,7 +34,14 @@ from torch import nn
 from tqdm import tqdm
 
 from sdr_edge.artifacts.atomic import sha256_bytes
-from sdr_edge.artifacts.bundle import MANIFEST, SIGNATURE, load_bundle, write_bundle
+from sdr_edge.artifacts.bundle import (
+    MANIFEST,
+    SIGNATURE,
+    load_bundle,
+    load_bundle_and_files,
+    write_bundle_files,
+)
+from sdr_edge.artifacts.staging import OutputError, check_replaceable_dir, resolve_out, staged_dir
 from sdr_edge.data.preprocess import InputSpec
 from sdr_edge.models.classifier import SubnetModel
 
@@ -138,14 +145,19 @@ def prune_bundle(bundle_dir: str | Path, server_pubkey: Ed25519PublicKey,
                  progress: bool = True) -> dict:
     """Verify a server-signed bundle, prune it, write a device-signed bundle; return the figures.
 
-    The written bundle is loaded back and its outputs compared with the in-memory pruned
-    model with torch.equal; a mismatch raises PruningError (and the bundle is removed).
+    The staged bundle is loaded back and its outputs compared with the in-memory pruned
+    model with torch.equal; a mismatch raises PruningError and nothing is published. An
+    existing `out_dir` must be empty or an earlier bundle (see artifacts.staging).
     """
-    bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
-    parent = load_bundle(bundle_dir, server_pubkey)
+    bundle_dir = Path(bundle_dir)
+    out_dir = resolve_out(out_dir)
+    check_replaceable_dir(out_dir)  # refuse a foreign --out before minutes of pruning
+    if out_dir.resolve() == bundle_dir.resolve():
+        raise OutputError(f"{out_dir}: the pruned bundle cannot replace its parent bundle")
+    parent, parent_files = load_bundle_and_files(bundle_dir, server_pubkey)
     result = prune_to_macs(parent.model, parent.input_spec, macs_ratio, max_steps=max_steps,
                            max_channel_ratio=max_channel_ratio, progress=progress)
-    parent_manifest = (bundle_dir / MANIFEST).read_bytes()
+    parent_manifest = parent_files[MANIFEST]
     provenance = {
         "created_by": "sdr-client prune",
         "signed_by": "device",
@@ -154,18 +166,15 @@ def prune_bundle(bundle_dir: str | Path, server_pubkey: Ed25519PublicKey,
         "pruned": {**result.summary(), "target_macs_ratio": macs_ratio,
                    "method": "torch-pruning BasePruner, GroupMagnitudeImportance(p=2)"},
     }
-    extra = {PARENT_MANIFEST: parent_manifest,
-             PARENT_SIGNATURE: (bundle_dir / SIGNATURE).read_bytes()}
-    write_bundle(result.model, out_dir, parent.route, parent.input_spec, device_key,
-                 provenance=provenance, extra_files=extra)
-    loaded = load_bundle(out_dir, device_key.public_key())
-    x = torch.randn(4, *example_input(parent.input_spec).shape[1:])
-    with torch.no_grad():
-        same = torch.equal(loaded.model(x), result.model(x))
-    if not same:
-        import shutil
-
-        shutil.rmtree(out_dir, ignore_errors=True)
-        raise PruningError("the pruned bundle does not reproduce the pruned model exactly")
+    extra = {PARENT_MANIFEST: parent_manifest, PARENT_SIGNATURE: parent_files[SIGNATURE]}
+    with staged_dir(out_dir) as staging:  # checked in staging: a mismatch publishes nothing
+        write_bundle_files(result.model, staging, parent.route, parent.input_spec, device_key,
+                           provenance=provenance, extra_files=extra)
+        loaded = load_bundle(staging, device_key.public_key())
+        x = torch.randn(4, *example_input(parent.input_spec).shape[1:])
+        with torch.no_grad():
+            same = torch.equal(loaded.model(x), result.model(x))
+        if not same:
+            raise PruningError("the pruned bundle does not reproduce the pruned model exactly")
     return {"bundle": str(out_dir), "route": list(parent.route), **result.summary(),
             "target_macs_ratio": macs_ratio, "parity_exact": True}

@@ -26,17 +26,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sdr_edge.federated.fleet_keys import CA_CERT, make_supernode_keys, make_tls_files
+    from sdr_edge.federated.fleet_keys import (
+        is_fleet_file,
+        make_supernode_keys,
+        make_tls_files,
+        planned_files,
+    )
 
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
     if args.supernodes < 0 or args.days < 1:
         raise CommandError("--supernodes must be >= 0 and --days >= 1")
     names = [f"{args.prefix}-{i}" for i in range(1, args.supernodes + 1)]
-    planned = ([] if args.no_tls else [CA_CERT]) + names
-    existing = [n for n in planned if (args.out / n).exists()]
+    if args.out.is_symlink() or (args.out.exists() and not args.out.is_dir()):
+        raise CommandError(f"--out {args.out} exists and is not a folder")
+    planned = planned_files(not args.no_tls, names)
+    existing = [n for n in planned if (args.out / n).exists() or (args.out / n).is_symlink()]
     if existing and not args.force:
         raise CommandError(f"{args.out} already holds {', '.join(existing)} (use --force to "
                            "replace them; registered SuperNode keys would stop working)")
+    foreign = [n for n in existing if not is_fleet_file(args.out / n, planned[n])]
+    if foreign:
+        kind = {"cert": "a PEM certificate", "ec-key": "a PEM EC private key",
+                "ssh-key": "an OpenSSH EC private key", "ssh-pub": "an OpenSSH EC public key"}
+        raise CommandError(f"{args.out / foreign[0]} was not written by fleet-keys (not "
+                           f"{kind[planned[foreign[0]]]}); refusing to replace it even with "
+                           "--force: move it away or pick another --out")
     if not args.no_tls:
         files = make_tls_files(args.out, hosts, args.days)
         print(f"CA certificate:     {files['ca_cert']}")

@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from server.registry.auth import TokenFileError, create_token
 
+    if args.tokens.is_symlink() or (args.tokens.exists() and not args.tokens.is_file()):
+        raise CommandError(f"--tokens {args.tokens} is not a regular file; refusing to replace it")
     try:
         token = create_token(args.tokens, args.name)
     except TokenFileError as exc:

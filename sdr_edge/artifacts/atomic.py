@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +30,10 @@ def fsync_dir(path: Path) -> None:
 def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
     """Call writer(tmp_path), fsync it, then rename over `path`."""
     path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        from sdr_edge.artifacts.staging import OutputError
+
+        raise OutputError(f"{path} is a folder; refusing to replace it with a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -56,18 +59,14 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_replace_dir(staging: Path, final: Path) -> Path:
-    """Move a fully written staging folder to `final`, replacing any older one."""
-    final = Path(final)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, final)
-    fsync_dir(final.parent)
-    return final
+    """Move a fully written staging folder to `final`, replacing only an earlier artifact of ours.
+
+    See sdr_edge.artifacts.staging: a non-empty `final` that this project did not write is
+    refused (OutputError) and nothing is deleted.
+    """
+    from sdr_edge.artifacts.staging import publish_dir
+
+    return publish_dir(Path(staging), Path(final))
 
 
 def sha256_file(path: str | Path) -> str:

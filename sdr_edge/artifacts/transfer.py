@@ -10,37 +10,33 @@ from __future__ import annotations
 
 import io
 import json
-import re
-import shutil
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from sdr_edge.artifacts.atomic import atomic_replace_dir, sha256_bytes
+from sdr_edge.artifacts.atomic import sha256_bytes
+from sdr_edge.artifacts.signed import (  # noqa: F401 - re-exported (torch-free names)
+    KIT_FORMAT,
+    KIT_VERSION,
+    MANIFEST,
+    MAX_ARCHIVE_BYTES,
+    MAX_FILES,
+    SIGNATURE,
+    BundleError,
+    is_plain_name,
+    verify_bundle_files,
+    verify_kit_files,
+)
 from sdr_edge.artifacts.signing import sign
+from sdr_edge.artifacts.staging import resolve_out, staged_dir
 
-# Same names as sdr_edge.artifacts.bundle, which imports torch: this module must not, because
-# a device fetches and verifies the signature kit without it (a test keeps these equal).
-MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
-KIT_FORMAT = "sdr-edge-kit"
-KIT_VERSION = 1
 TAR_MEDIA_TYPE = "application/x-tar"
-MAX_FILES = 64
-MAX_ARCHIVE_BYTES = 2 << 30
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class TransferError(ValueError):
     """An archive is malformed, unsafe, unsigned or does not verify."""
-
-
-def is_plain_name(name: str) -> bool:
-    """A single file name: no separators, no '..', no leading dot, no odd characters."""
-    return bool(_PLAIN_NAME.match(name)) and ".." not in name
 
 
 def read_folder(folder: str | Path) -> dict[str, bytes]:
@@ -96,33 +92,27 @@ def unpack_files(data: bytes, max_files: int = MAX_FILES,
 
 
 def write_files_atomically(files: dict[str, bytes], out_dir: str | Path) -> Path:
-    """Write verified files to a staging folder beside out_dir, then rename it into place."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    """Write verified files to a staging folder beside out_dir, then swap it into place.
+
+    An existing out_dir must be empty or an earlier bundle/kit of ours (staging.py); anything
+    else is refused with an OutputError naming it, and nothing is deleted.
+    """
+    out = resolve_out(out_dir)
+    for name in files:
+        if not is_plain_name(name):
+            raise TransferError(f"refusing to write file name {name!r}")
+    with staged_dir(out) as staging:
         for name, content in files.items():
-            if not is_plain_name(name):
-                raise TransferError(f"refusing to write file name {name!r}")
             (staging / name).write_bytes(content)
-        return atomic_replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return out
 
 
 def verify_bundle_archive(files: dict[str, bytes], pubkey: Ed25519PublicKey) -> dict:
     """Signature, checksums, format, and no file the signed manifest does not list."""
-    from sdr_edge.artifacts.bundle import WEIGHTS, BundleError, verify_bundle_bytes
-
     try:
-        manifest = verify_bundle_bytes(files, pubkey)  # signature, format, checksums
+        return verify_bundle_files(files, pubkey)
     except BundleError as exc:
         raise TransferError(f"bundle refused: {exc}") from exc
-    _check_listed(files, manifest, "bundle")
-    if WEIGHTS not in manifest["files"]:
-        raise TransferError(f"bundle refused: manifest lists no {WEIGHTS}")
-    return manifest
 
 
 def canonical_json(manifest: dict) -> bytes:
@@ -149,19 +139,7 @@ def sign_kit(files: dict[str, bytes], key: Ed25519PrivateKey,
 
 def verify_kit_archive(files: dict[str, bytes], pubkey: Ed25519PublicKey) -> dict:
     """Same trust rules as a bundle: signed manifest, every checksum, nothing unlisted."""
-    from sdr_edge.artifacts.bundle import BundleError, verify_signed_files
-
     try:
-        manifest = verify_signed_files(files, pubkey, KIT_FORMAT, KIT_VERSION, what="kit")
+        return verify_kit_files(files, pubkey)
     except BundleError as exc:
         raise TransferError(f"kit refused: {exc}") from exc
-    _check_listed(files, manifest, "kit")
-    return manifest
-
-
-def _check_listed(files: dict[str, bytes], manifest: dict, what: str) -> None:
-    listed = set(manifest.get("files", {})) | {MANIFEST, SIGNATURE}
-    extra = sorted(set(files) - listed)
-    if extra:
-        raise TransferError(f"{what} refused: files not listed in the signed manifest: "
-                            f"{', '.join(extra)}")

@@ -19,11 +19,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sdr_edge.artifacts.atomic import atomic_write, fsync_dir, sha256_file
-from sdr_edge.artifacts.bundle import MANIFEST, WEIGHTS, load_bundle
+from sdr_edge.artifacts.atomic import atomic_write, fsync_dir, sha256_bytes, sha256_file
+from sdr_edge.artifacts.bundle import MANIFEST, WEIGHTS, load_bundle_and_files
+from sdr_edge.artifacts.staging import check_replaceable_file
 from sdr_edge.data.preprocess import InputSpec, normalize_batch
 from sdr_edge.data.sources import ImageSource, load_source
-from sdr_edge.export.metadata import PRECISIONS, ModelMetadata, sidecar_document, sidecar_path
+from sdr_edge.export.metadata import (
+    METADATA_FORMAT,
+    PRECISIONS,
+    ModelMetadata,
+    sidecar_document,
+    sidecar_path,
+)
 from sdr_edge.export.onnx_export import INPUT_NAME, attach_metadata, check_onnx, export_fp32
 from sdr_edge.export.parity import (
     FP32_ATOL,
@@ -146,6 +153,11 @@ def write_json(path: Path, doc: dict) -> Path:
     return atomic_write(path, writer)
 
 
+def check_output(out: Path) -> None:
+    """`out` and its sidecar must be absent or an earlier export (sidecar records its sha256)."""
+    check_replaceable_file(out, sidecar_path(out), {METADATA_FORMAT}, "model_sha256")
+
+
 @torch.inference_mode()
 def torch_outputs(model: torch.nn.Module, x: np.ndarray, batch: int = 256) -> np.ndarray:
     """The reference: the PyTorch model's outputs on preprocessed inputs."""
@@ -162,6 +174,7 @@ def export_model(model: SubnetModel, spec: InputSpec, route: tuple[int, ...], ou
     out = Path(out)
     if out.suffix != ".onnx":
         raise ValueError(f"output must end in .onnx, got {out.name}")
+    check_output(out)
     output_kind = "logits" if model.num_classes else "features"
     calib = _load_calibration(opts, spec)
     evalsrc = (load_source(opts.eval_source, spec.image_size, spec.channels, opts.eval_limit,
@@ -234,6 +247,7 @@ def export_model(model: SubnetModel, spec: InputSpec, route: tuple[int, ...], ou
         bar.update()
 
         digest = sha256_file(final)
+        check_output(out)  # again: minutes have passed
         os.replace(final, out)
         fsync_dir(out.parent)
         doc = sidecar_document(meta, digest, [c.to_dict() for c in checks])
@@ -250,9 +264,10 @@ def export_bundle(bundle_dir: str | Path, pubkey, out: str | Path,
     """Verify the signed bundle, then export its model (see `export_model`)."""
     opts.validate()  # fail on arguments before touching the bundle
     bundle_dir = Path(bundle_dir)
-    bundle = load_bundle(bundle_dir, pubkey)
+    check_output(Path(out))
+    bundle, files = load_bundle_and_files(bundle_dir, pubkey)  # read once, then verified
     provenance = {
-        "bundle_sha256": sha256_file(bundle_dir / MANIFEST),
+        "bundle_sha256": sha256_bytes(files[MANIFEST]),
         "bundle_weights_sha256": bundle.manifest["files"][WEIGHTS],
     }
     return export_model(bundle.model, bundle.input_spec, bundle.route, out, opts, provenance)

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from sdr_edge.artifacts.atomic import atomic_write_bytes, fsync_dir, sha256_file
+from sdr_edge.artifacts.staging import check_replaceable_file
 from sdr_edge.export.metadata import (
     METADATA_KEY,
     MetadataError,
@@ -45,6 +46,9 @@ HARDWARE_COMPAT = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-cc": "SAME_CO
 ENGINE_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2}
 ENGINE_INT8_MIN_AGREEMENT = 0.99
 ENGINE_INT8_MIN_COSINE = 0.99
+
+
+ENGINE_FORMAT = "sdr-edge-engine"
 
 
 class EngineBuildError(ValueError):
@@ -229,7 +233,7 @@ def engine_metadata(info: OnnxModelInfo, shapes: ProfileShapes, opts: BuildOptio
                     build_seconds: float | None = None) -> dict:
     """The JSON written next to the engine: what it was built from, for what, and how."""
     doc = {
-        "format": "sdr-edge-engine",
+        "format": ENGINE_FORMAT,
         "format_version": 1,
         "tensorrt_version": tensorrt_version,
         "gpu": gpu,
@@ -326,6 +330,11 @@ def build_serialized_engine(trt, info: OnnxModelInfo, shapes: ProfileShapes,
     return bytes(memoryview(serialized))
 
 
+def check_engine_output(out: Path) -> None:
+    """`out` and its metadata JSON must be absent or an earlier engine of ours (sha256 recorded)."""
+    check_replaceable_file(out, engine_metadata_path(out), {ENGINE_FORMAT}, "engine_sha256")
+
+
 def build_and_verify(opts: BuildOptions) -> dict:
     """Build, run the engine against ONNX Runtime, and write engine + metadata atomically."""
     from sdr_edge.inference.cuda_device import require_tensorrt_and_gpu
@@ -333,6 +342,7 @@ def build_and_verify(opts: BuildOptions) -> dict:
     from sdr_edge.inference.trt_runner import TrtRunner
 
     info, shapes = prepare_build(opts)
+    check_engine_output(opts.out)
     trt, gpu = require_tensorrt_and_gpu("`sdr-export trt`")
     onnx_sha = sha256_file(opts.onnx)
     t0 = time.perf_counter()
@@ -362,6 +372,7 @@ def build_and_verify(opts: BuildOptions) -> dict:
         doc["checks"] = [c.to_dict() for c in checks]
         staged_meta.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         staged_meta.chmod(0o644)
+        check_engine_output(opts.out)  # again: the build took a while
         os.replace(staged, opts.out)
         os.replace(staged_meta, engine_metadata_path(opts.out))
         fsync_dir(opts.out.parent)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -28,6 +29,41 @@ from sdr_edge.artifacts.atomic import atomic_write_bytes
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def planned_files(tls: bool, names: Sequence[str]) -> dict[str, str]:
+    """Every file a fleet-keys run writes, with its kind (so --force can check what it replaces)."""
+    kinds = ({CA_CERT: "cert", CA_KEY: "ec-key", SERVER_CERT: "cert", SERVER_KEY: "ec-key"}
+             if tls else {})
+    for name in names:
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"bad SuperNode key name {name!r}")
+        kinds[name], kinds[f"{name}.pub"] = "ssh-key", "ssh-pub"
+    return kinds
+
+
+def is_fleet_file(path: Path, kind: str) -> bool:
+    """Whether `path` is the kind of file fleet-keys writes (an EC P-384 key or its certificate).
+
+    `--force` replaces only such files: an Ed25519 bundle-signing `server.key` from
+    `sdr-server keygen`, or any other file, is never overwritten.
+    """
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        data = path.read_bytes()
+        if kind == "cert":
+            x509.load_pem_x509_certificate(data)
+            return True
+        if kind == "ec-key":
+            key = serialization.load_pem_private_key(data, password=None)
+        elif kind == "ssh-key":
+            key = serialization.load_ssh_private_key(data, password=None)
+        else:
+            key = serialization.load_ssh_public_key(data.strip())
+    except (ValueError, TypeError, OSError, UnsupportedAlgorithm):
+        return False
+    return isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey)
 
 
 def _write_private(path: Path, data: bytes) -> Path:
