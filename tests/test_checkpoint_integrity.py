@@ -206,6 +206,16 @@ def test_truncated_last_without_prev_is_refused_in_one_line_then_restart(
     assert read_checkpoint(checkpoint_path(out)).meta["phase"] == "done"
 
 
+def test_resume_refuses_a_phase_artifact_changed_since_the_checkpoint(
+        finished_run, config, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path / "run")
+    (out / rd.MANIFEST).unlink()  # not finished any more: a rerun resumes and reloads the teacher
+    flip_data_byte(out / rd.TEACHER)
+    code, err = _main(capsys, "--config", config, "--out", out)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{out / rd.TEACHER} is corrupt" in err and "--restart" in err
+
+
 def test_staging_leftovers_are_cleaned_and_never_in_the_manifest(finished_run, config, tmp_path):
     out = copy_run(finished_run, tmp_path / "run")
     (out / ".kit.abcd").mkdir()

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sdr_edge.artifacts import run_dir as rd
-from sdr_edge.artifacts.atomic import atomic_write_text
+from sdr_edge.artifacts.atomic import atomic_write_text, sha256_file
 from sdr_edge.artifacts.weights import load_tensors
 from sdr_edge.data.preprocess import InputSpec
 from sdr_edge.data.sources import ImageSource, load_source
@@ -36,7 +36,9 @@ from sdr_edge.models.sdrnet import SDRnet
 from sdr_edge.ssl.heads import SimSiamHeads
 from sdr_edge.training import distributed as dd
 from sdr_edge.training.checkpoint import (
+    RESTART_HINT,
     Checkpoint,
+    CheckpointError,
     checkpoint_path,
     discard_checkpoints,
     load_checkpoint,
@@ -135,6 +137,7 @@ class Trainer:
         self.order = phase_order(len(cfg.routing.branching), unified)
         self.identity = json.loads(json.dumps({"kind": self.kind, "config": cfg.to_dict()}))
         self.ckpt: Checkpoint | None = None
+        self.artifacts: dict[str, str] = {}  # sha256 of the run-dir files this run wrote
 
     # ----- resume bookkeeping -------------------------------------------------------------
 
@@ -158,8 +161,25 @@ class Trainer:
         if self.env.is_main:
             save_checkpoint(self.run_dir, {"phase": phase, "epoch": epoch,
                                            "identity": self.identity,
-                                           "metrics_bytes": self.metrics.size()},
+                                           "metrics_bytes": self.metrics.size(),
+                                           "artifacts": dict(self.artifacts)},
                             modules, optimizers)
+
+    def _wrote(self, path: Path) -> None:
+        """Remember a phase artifact's sha256: later checkpoints record it, a resume checks it."""
+        self.artifacts[path.name] = sha256_file(path)
+
+    def _verify_artifacts(self) -> None:
+        """The phase artifacts a resume reloads must be the ones the checkpoint saw written."""
+        assert self.ckpt is not None
+        recorded = self.ckpt.meta.get("artifacts") or {}
+        for name, digest in sorted(recorded.items()):
+            path = self.run_dir / name
+            if not path.is_file() or sha256_file(path) != digest:
+                state = "is missing" if not path.is_file() else "is corrupt"
+                raise CheckpointError(f"{path} {state} (it does not match the sha256 recorded "
+                                      f"in {self.ckpt.path}): {RESTART_HINT}")
+        self.artifacts = dict(recorded)
 
     def _check_ours(self, restart: bool) -> None:
         """Refuse an --out that is a file, or a non-empty folder sdr-server train did not write.
@@ -211,6 +231,7 @@ class Trainer:
                 raise RunConflictError(
                     f"{self.run_dir} holds a different run ({diff}); pass another --out, "
                     "or delete the folder to start over")
+            self._verify_artifacts()
             if self.ckpt.fallback is not None and self.env.is_main:
                 log.warning("%s; resuming from %s", self.ckpt.fallback, self.ckpt.path)
         elif not restart and (self.run_dir / rd.MANIFEST).exists():
@@ -321,7 +342,8 @@ class Trainer:
         backbone = model.encoder.cpu()
         heads = model.heads.cpu()
         if self.env.is_main:
-            rd.save_teacher(self.run_dir, backbone, self.spec, extra=heads.state_dict())
+            self._wrote(rd.save_teacher(self.run_dir, backbone, self.spec,
+                                        extra=heads.state_dict()))
         self._final_digest(model)
         return backbone, heads
 
@@ -366,8 +388,8 @@ class Trainer:
             for r, book in enumerate(books):
                 recon += book[codes[:, r]]
             residual = float(((emb - recon) ** 2).sum(dim=1).mean())
-            rd.save_codebooks(self.run_dir, books)
-            rd.save_codes(self.run_dir, codes, self.cfg.data.source)
+            self._wrote(rd.save_codebooks(self.run_dir, books))
+            self._wrote(rd.save_codes(self.run_dir, codes, self.cfg.data.source))
             self.metrics.epoch(CLUSTER, 1, residual, None, time.perf_counter() - t0,
                                backend=result.backend, sizes=[list(map(int, s)) for s in result.sizes])
             log.info("clustered %d embeddings into K=%d cells with %s (residual %.4f, %.1f s)",
@@ -405,7 +427,7 @@ class Trainer:
                               start, codes=codes, teacher=frozen)
         net = model.encoder.cpu()
         if self.env.is_main:
-            rd.save_sdrnet(self.run_dir, net, self.spec)
+            self._wrote(rd.save_sdrnet(self.run_dir, net, self.spec))
         self._final_digest(model)
         self._checkpoint(KIT, 0)
         return net
