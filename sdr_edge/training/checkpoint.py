@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -32,8 +31,6 @@ from torch import nn
 from sdr_edge.artifacts.atomic import fsync_dir
 from sdr_edge.artifacts.run_dir import CHECKPOINT_DIR
 from sdr_edge.artifacts.weights import state_to_tensors
-
-log = logging.getLogger(__name__)
 
 LAST = "last.safetensors"
 PREV = "prev.safetensors"
