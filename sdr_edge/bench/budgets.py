@@ -41,6 +41,8 @@ class Budget:
     finetune_lr: float
     threads: int = 0
     kd_weight: float = 0.5
+    task_set: str = "fashion"  # "fashion" (four Fashion-MNIST/digits tasks) or "domains"
+    random_routes: int = 8  # seeded random routes probed as the routed sub-net's control
     proj_dim: int = 128
     pred_hidden: int = 32
     lr: float = 0.05
@@ -53,15 +55,29 @@ class Budget:
         return self.phase0_epochs + sum(self.level_epochs_k256)
 
 
+TASK_SETS = ("fashion", "domains")
+
+
 def tasks(budget: Budget) -> list[TaskSpec]:
-    """The four downstream tasks of issue 6 (class indices of Fashion-MNIST)."""
+    """The budget's downstream tasks: `fashion` are the four tasks of issue 6 (class indices of
+    Fashion-MNIST), `domains` the mixed-pool tasks of sdr_edge.bench.domains."""
     lim = budget.task_limit
-    return [
-        TaskSpec("fashion-10", "fashion-mnist:test", lim),
-        TaskSpec("footwear-3", "fashion-mnist:test@5,7,9", lim),
-        TaskSpec("tops-4", "fashion-mnist:test@0,2,4,6", lim),
-        TaskSpec("digits-10", "builtin:digits", lim),
-    ]
+    if budget.task_set == "fashion":
+        return [
+            TaskSpec("fashion-10", "fashion-mnist:test", lim),
+            TaskSpec("footwear-3", "fashion-mnist:test@5,7,9", lim),
+            TaskSpec("tops-4", "fashion-mnist:test@0,2,4,6", lim),
+            TaskSpec("digits-10", "builtin:digits", lim),
+        ]
+    if budget.task_set == "domains":
+        try:  # lazy: the mixed-pool module is optional and heavier than this one
+            from sdr_edge.bench.domains import domain_tasks
+        except ImportError as exc:
+            raise ValueError(f"task set 'domains' needs sdr_edge.bench.domains.domain_tasks "
+                             f"({exc})") from exc
+        return [t if isinstance(t, TaskSpec) else TaskSpec(t.name, t.source, t.limit)
+                for t in domain_tasks(lim)]
+    raise ValueError(f"unknown task set {budget.task_set!r} ({', '.join(TASK_SETS)})")
 
 
 BUDGETS: dict[str, Budget] = {
@@ -70,7 +86,7 @@ BUDGETS: dict[str, Budget] = {
         widths=(8, 8, 16, 16), stem_width=8, batch_size=128, phase0_epochs=1,
         level_epochs_k256=(1, 1, 1, 1), level_epochs_k16=(2, 2), kit_epochs=1, task_limit=200,
         candidates_k16="top2", candidates_k256="top2", finetune_epochs=1, finetune_lr=0.05,
-        proj_dim=32, pred_hidden=8, threads=1,
+        proj_dim=32, pred_hidden=8, threads=1, random_routes=2,
     ),
     "cpu": Budget(
         name="cpu", pool="fashion-mnist:train", pool_limit=12000, image_size=28,
