@@ -60,7 +60,8 @@ def own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def signature_bodies(branching: list[int], n: int, seed: int = 0) -> list[bytes]:
+def signature_bodies(branching: list[int], n: int, seed: int = 0,
+                     run_id: str | None = None) -> list[bytes]:
     """Distinct valid signatures (Dirichlet per level), as the JSON a client would POST."""
     rng = np.random.default_rng(seed)
     bodies = []
@@ -68,7 +69,7 @@ def signature_bodies(branching: list[int], n: int, seed: int = 0) -> list[bytes]
         levels = [np.round(rng.dirichlet(np.ones(b)), 6) for b in branching]
         levels = [(lv / lv.sum()).tolist() for lv in levels]
         bodies.append(json.dumps({"format": "sdr-signature", "version": 1,
-                                  "branching": branching, "levels": levels,
+                                  "branching": branching, "levels": levels, "run_id": run_id,
                                   "count": int(rng.integers(10, 1000))}).encode())
     return bodies
 
@@ -186,7 +187,7 @@ async def run_benchmark(reg, args: argparse.Namespace) -> dict:
     async with httpx.AsyncClient(base_url=reg.url, headers=auth, timeout=60.0) as client:
         info = (await client.get("/v1/info")).json()
         branching = info["branching"]
-        bodies = signature_bodies(branching, 512)
+        bodies = signature_bodies(branching, 512, run_id=info.get("run_id"))
         routes = sorted({tuple((await client.post("/v1/route", content=b)).json()["route"])
                          for b in bodies[:64]})[:args.routes]
         ids = ["-".join(map(str, r)) for r in routes]

@@ -265,12 +265,14 @@ class Agent:
         return {"path": str(path), "kit_json_sha256": _file_digest(path / "kit.json")}
 
     def _kit_ok(self) -> bool:
+        from sdr_edge.artifacts.signing import load_public_key
         from sdr_edge.routing.kit_runtime import KitError, KitRunner
 
-        try:
-            KitRunner(self.cfg.kit_dir)
+        try:  # verified again: a kit changed on disk since it was fetched is fetched anew
+            KitRunner(self.cfg.kit_dir, pubkey=load_public_key(self.cfg.pubkey))
         except (KitError, OSError, KeyError):
-            log.warning("kit in %s no longer loads: fetching it again", self.cfg.kit_dir)
+            log.warning("kit in %s no longer loads or verifies: fetching it again",
+                        self.cfg.kit_dir)
             return False
         return _file_digest(self.cfg.kit_dir / "kit.json") == \
             self.state.step("kit").get("kit_json_sha256")
@@ -288,10 +290,14 @@ class Agent:
                                                 "kit-dir": str(self.cfg.kit_dir)})
 
     def _compute_signature(self) -> dict:
+        from sdr_edge.artifacts.signing import load_public_key
         from sdr_edge.federated.node_data import NodeDataError, load_partition
-        from sdr_edge.routing.kit_runtime import KitRunner, compute_signature
+        from sdr_edge.routing.kit_runtime import KitError, KitRunner, compute_signature
 
-        runner = KitRunner(self.cfg.kit_dir)
+        try:  # the kit runs only once its signed manifest verifies (and names its run)
+            runner = KitRunner(self.cfg.kit_dir, pubkey=load_public_key(self.cfg.pubkey))
+        except KitError as exc:
+            raise AgentError(f"signature: {exc}") from exc
         try:
             source = load_partition(self._node_data_config(), runner.spec.image_size,
                                     runner.spec.channels)

@@ -167,8 +167,9 @@ def pipeline(out: Path, config: Path, rounds: int, procs: Processes, logs: Path)
         run_step([exe["sdr-client"], "fetch", "--kit", "--server", url, "--token-file",
                   keys / "client.token", "--pubkey", keys / "server.pub", "--out", cdir / "kit"],
                  logs / f"{name}-kit.log")
-        run_step([exe["sdr-client"], "signature", "--kit", cdir / "kit", "--images",
-                  folders[name]["train"], "--out", cdir / "signature.json"],
+        run_step([exe["sdr-client"], "signature", "--kit", cdir / "kit", "--pubkey",
+                  keys / "server.pub", "--images", folders[name]["train"], "--out",
+                  cdir / "signature.json"],
                  logs / f"{name}-signature.log")
         run_step([exe["sdr-client"], "fetch", "--server", url, "--token-file",
                   keys / "client.token", "--signature", cdir / "signature.json", "--pubkey",

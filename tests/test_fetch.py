@@ -27,7 +27,7 @@ from sdr_edge.artifacts.bundle import load_bundle
 from sdr_edge.artifacts.run_dir import load_sdrnet
 from sdr_edge.artifacts.signing import load_public_key
 from sdr_edge.artifacts.transfer import TransferError, pack_files, unpack_files
-from sdr_edge.routing.signature import route_signature
+from sdr_edge.routing.signature import route_signature, run_id_of
 from server.cli import main as server_main
 
 SIG = {"format": "sdr-signature", "version": 1, "branching": list(TINY_BRANCHING),
@@ -38,6 +38,7 @@ SIG = {"format": "sdr-signature", "version": 1, "branching": list(TINY_BRANCHING
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     run_dir = shared_tiny_run(tmp_path_factory.getbasetemp())
+    SIG["run_id"] = run_id_of(run_dir)  # signatures name the served run (its kit's run id)
     with serve_registry(run_dir, tmp_path_factory.mktemp("fetch-registry")) as reg:
         yield reg
 

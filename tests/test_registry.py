@@ -13,10 +13,11 @@ import pytest
 from helpers_registry import serve_registry
 from helpers_rundir import TINY_BRANCHING, shared_tiny_run
 
-from sdr_edge.routing.signature import route_signature, validate_signature
+from sdr_edge.routing.signature import route_signature, run_id_of, validate_signature
 
 MAX_BODY = 4096
 pytestmark = pytest.mark.slow  # every test here talks to a real server process
+SERVED: dict[str, str | None] = {}  # the served run's id (signatures must carry it)
 
 
 def signature(levels=None, **extra) -> dict:
@@ -24,12 +25,13 @@ def signature(levels=None, **extra) -> dict:
         levels = [[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1], [0.2, 0.5, 0.2, 0.1],
                   [0.0, 0.0, 1.0, 0.0]]
     return {"format": "sdr-signature", "version": 1, "branching": list(TINY_BRANCHING),
-            "levels": levels, "count": 12, **extra}
+            "levels": levels, "count": 12, "run_id": SERVED.get("run_id"), **extra}
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     run_dir = shared_tiny_run(tmp_path_factory.getbasetemp())
+    SERVED["run_id"] = run_id_of(run_dir)
     with serve_registry(run_dir, tmp_path_factory.mktemp("registry"),
                         ("--max-body-bytes", str(MAX_BODY))) as reg:
         yield reg

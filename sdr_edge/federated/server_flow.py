@@ -43,7 +43,9 @@ from sdr_edge.routing.signature import (
     Signature,
     SignatureValidationError,
     aggregate_signatures,
+    check_run_id,
     route_signature,
+    served_run_id,
 )
 
 log = logging.getLogger(__name__)
@@ -123,7 +125,10 @@ def query_signatures(grid: Grid, min_nodes: int, wait_timeout: float,
 def choose_route(cfg: FederationConfig, outcome: QueryOutcome) -> tuple[tuple[int, ...] | None,
                                                                         Signature]:
     """Aggregate the nodes' signatures by image count; route unless the config fixes one."""
-    signature = aggregate_signatures(a.signature for a in outcome.answers.values())
+    try:
+        signature = aggregate_signatures(a.signature for a in outcome.answers.values())
+    except ValueError as exc:  # the nodes hold kits of different runs (or branchings)
+        raise FederationError(f"signature query: {exc}") from exc
     fixed = cfg.fixed_route()
     route = fixed if fixed is not None else route_signature(signature)
     log.info("aggregated signature of %d images from %d node(s) -> route %s%s", signature.count,
@@ -148,6 +153,12 @@ def load_start_model(cfg: FederationConfig, route: tuple[int, ...] | None,
                                   f"{list(signature.branching)} but the SDRnet in {cfg.run_dir} "
                                   f"routes over {list(net.branching)}: is the nodes' kit from "
                                   "this run?")
+        try:  # a route from another run's kit would pick the wrong experts
+            if cfg.fixed_route() is None:
+                check_run_id(signature, *served_run_id(cfg.run_dir))
+        except SignatureValidationError as exc:
+            raise FederationError(f"the nodes' signatures do not fit {cfg.run_dir}: "
+                                  f"{exc}") from exc
         assert route is not None
         backbone = net.extract(route).eval()
         return StartModel(backbone, spec, tuple(route),

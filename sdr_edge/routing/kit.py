@@ -13,7 +13,10 @@ Files written to the kit folder (atomically, as one folder):
                      output `probs`: float32 N x sum(B_r), level r's softmax in columns
                      [offset_r, offset_r + B_r) (offsets listed in kit.json)
     kit.json         format, input spec, branching, input/output layout, metrics,
-                     sha256 of the two other files
+                     sha256 of the two other files, and `run_id`: the run whose codes the
+                     kit was distilled from (`sdr_edge.routing.signature.run_id_of`), which
+                     every signature computed with it carries so a registry can refuse
+                     signatures from another run's kit
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from tqdm import tqdm
 from sdr_edge.artifacts.atomic import atomic_replace_dir, sha256_file
 from sdr_edge.artifacts.weights import save_tensors
 from sdr_edge.data.preprocess import InputSpec, normalize_batch
+from sdr_edge.routing.signature import check_run_id_format, run_id_of
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +141,12 @@ def train_signature_kit(images: np.ndarray, codes: np.ndarray, branching: Sequen
                         spec: InputSpec, out_dir: str | Path, *, epochs: int, seed: int,
                         device: str = "cpu", batch_size: int = 256, lr: float = 3e-3,
                         holdout_fraction: float = 0.1,
-                        widths: Sequence[int] = DEFAULT_WIDTHS, progress: bool = True) -> dict:
+                        widths: Sequence[int] = DEFAULT_WIDTHS, progress: bool = True,
+                        run_id: str | None = None) -> dict:
     """Distil the teacher's codes into a small kit network; write kit files; return metrics.
 
     images: N x H x W x C uint8 at the spec's size; codes: N x R digits (the run's codes).
+    run_id: the run's identity (default: that of the run dir holding out_dir, see write_kit).
     """
     images = np.asarray(images)
     codes = np.asarray(codes, dtype=np.int64)
@@ -194,15 +200,20 @@ def train_signature_kit(images: np.ndarray, codes: np.ndarray, branching: Sequen
     if len(hold_idx):
         metrics.update(agreement(predict_digits(net, x_all[hold_idx]), codes[hold_idx]))
     metrics["kit_train_seconds"] = round(time.perf_counter() - start_time, 3)
-    write_kit(net, spec, out_dir, metrics)
+    write_kit(net, spec, out_dir, metrics, run_id=run_id)
     log.info("signature kit: %s", json.dumps(metrics))
     return metrics
 
 
 def write_kit(net: SignatureKitNet, spec: InputSpec, out_dir: str | Path,
-              metrics: dict | None = None) -> Path:
-    """Write kit.safetensors, kit.onnx and kit.json as one folder, atomically."""
+              metrics: dict | None = None, run_id: str | None = None) -> Path:
+    """Write kit.safetensors, kit.onnx and kit.json as one folder, atomically.
+
+    The kit lives in RUN_DIR/kit, written after the run's codebooks, so without an explicit
+    `run_id` it records the id of the run dir around it (None when there are no codebooks).
+    """
     out_dir = Path(out_dir)
+    run_id = check_run_id_format(run_id if run_id is not None else run_id_of(out_dir.parent))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -225,6 +236,7 @@ def write_kit(net: SignatureKitNet, spec: InputSpec, out_dir: str | Path,
                        "layout": "per-level softmax, concatenated",
                        "level_offsets": offsets[:-1]},
             "metrics": metrics or {},
+            "run_id": run_id,
             "files": {name: sha256_file(staging / name) for name in (KIT_WEIGHTS, KIT_ONNX)},
         }
         (staging / KIT_JSON).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")

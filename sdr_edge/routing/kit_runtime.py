@@ -3,7 +3,15 @@
 This is the client's path: decode with OpenCV, preprocess with `sdr_edge.data.preprocess`
 (the same evaluation transform training used), run `kit.onnx`, sum each level's
 probabilities, then release the exact or the differentially private signature
-(`sdr_edge.routing.privacy`).
+(`sdr_edge.routing.privacy`), which names the kit's run (`run_id` in kit.json).
+
+Trust. A kit fetched from a registry (`sdr-client fetch --kit`) carries the registry's signed
+manifest. Given the registry's public key, `KitRunner` checks that manifest's Ed25519
+signature and every file's sha256 by the rule that checks a kit archive at fetch time
+(`sdr_edge.artifacts.signed`), then runs the very bytes it verified: a kit.onnx swapped together with a matching kit.json is refused, and nothing read
+after the check can differ from what was checked. Without a key only kit.json's own sha256 of
+kit.onnx is checked, which catches corruption, not tampering (fine for RUN_DIR/kit on the
+server, not for a device).
 """
 
 from __future__ import annotations
@@ -15,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from sdr_edge.artifacts.atomic import sha256_file
+from sdr_edge.artifacts.atomic import sha256_bytes
 from sdr_edge.data.folder import decode_image, list_image_files
 from sdr_edge.data.preprocess import InputSpec, normalize_batch, prepare_uint8
 from sdr_edge.routing.privacy import exact_or_private
-from sdr_edge.routing.signature import Signature
+from sdr_edge.routing.signature import Signature, SignatureValidationError, check_run_id_format
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +42,61 @@ class KitError(ValueError):
     """A kit folder is missing files, has a wrong checksum or an unknown format."""
 
 
-class KitRunner:
-    """An ONNX Runtime session on `kit.onnx`, with the kit's input spec and output layout."""
+def verify_kit(kit_dir: str | Path, pubkey: Ed25519PublicKey) -> dict[str, bytes]:
+    """The files of a fetched kit folder, once its signed manifest and every checksum verify.
 
-    def __init__(self, kit_dir: str | Path, threads: int = 1, verify: bool = True) -> None:
+    The rule is the project's one for signed folders (`sdr_edge.artifacts.signed`), the same
+    that checked the kit archive at fetch time; a refusal is a KitError whose one line names
+    the folder and the file at fault.
+    """
+    from sdr_edge.artifacts.signed import MANIFEST, BundleError, verify_kit_folder
+
+    kit_dir = Path(kit_dir)
+    if kit_dir.is_dir() and not (kit_dir / MANIFEST).exists() and (kit_dir / KIT_JSON).is_file():
+        raise KitError(f"{kit_dir}: no signed {MANIFEST}: only a kit fetched with "
+                       "`sdr-client fetch --kit` can be verified")
+    try:
+        return verify_kit_folder(kit_dir, pubkey)[1]
+    except BundleError as exc:
+        raise KitError(f"kit refused: {exc}") from exc
+
+
+class KitRunner:
+    """An ONNX Runtime session on `kit.onnx`, with the kit's input spec, layout and run id.
+
+    With `pubkey`, the folder's signed manifest is verified first and the session runs the
+    verified bytes (see the module docstring); `verify` alone checks kit.json's sha256.
+    """
+
+    def __init__(self, kit_dir: str | Path, threads: int = 1, verify: bool = True,
+                 pubkey: Ed25519PublicKey | None = None) -> None:
         self.kit_dir = Path(kit_dir)
-        info_path = self.kit_dir / KIT_JSON
-        if not info_path.is_file():
+        info_path, onnx_path = self.kit_dir / KIT_JSON, self.kit_dir / KIT_ONNX
+        files = verify_kit(self.kit_dir, pubkey) if pubkey is not None else None
+        self.verified = files is not None
+        if files is not None:
+            info_bytes, onnx_bytes = files.get(KIT_JSON), files.get(KIT_ONNX)
+        else:
+            info_bytes = info_path.read_bytes() if info_path.is_file() else None
+            onnx_bytes = onnx_path.read_bytes() if onnx_path.is_file() else None
+        if info_bytes is None:
             raise KitError(f"{self.kit_dir}: not a signature kit (no {KIT_JSON})")
-        self.info = json.loads(info_path.read_text())
-        if self.info.get("format") != KIT_FORMAT:
-            raise KitError(f"{info_path}: unknown format {self.info.get('format')!r}")
-        onnx_path = self.kit_dir / KIT_ONNX
-        if not onnx_path.is_file():
+        try:
+            self.info = json.loads(info_bytes)
+        except ValueError as exc:
+            raise KitError(f"{info_path}: not valid JSON ({exc})") from exc
+        if not isinstance(self.info, dict) or self.info.get("format") != KIT_FORMAT:
+            raise KitError(f"{info_path}: unknown format "
+                           f"{self.info.get('format') if isinstance(self.info, dict) else None!r}")
+        if onnx_bytes is None:
             raise KitError(f"{self.kit_dir}: missing {KIT_ONNX}")
-        if verify and sha256_file(onnx_path) != self.info["files"][KIT_ONNX]:
+        if (verify or files is not None) and \
+                sha256_bytes(onnx_bytes) != self.info.get("files", {}).get(KIT_ONNX):
             raise KitError(f"{onnx_path}: sha256 does not match {KIT_JSON}")
+        try:
+            self.run_id = check_run_id_format(self.info.get("run_id"))
+        except SignatureValidationError as exc:
+            raise KitError(f"{info_path}: {exc}") from exc
         self.spec = InputSpec.from_dict(self.info["input_spec"])
         self.branching = tuple(int(b) for b in self.info["branching"])
         self.offsets = [int(o) for o in self.info["output"]["level_offsets"]]
@@ -56,7 +104,8 @@ class KitRunner:
         opts.intra_op_num_threads = max(1, int(threads))
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.session = ort.InferenceSession(str(onnx_path), opts,
+        # the bytes checked above, not the path: the file may change after the check
+        self.session = ort.InferenceSession(onnx_bytes, opts,
                                             providers=["CPUExecutionProvider"])
         self.input_name = self.info["input"]["name"]
         self.output_name = self.info["output"]["name"]
@@ -115,13 +164,16 @@ def compute_signature(kit_dir: str | Path | KitRunner,
                       images: Sequence[np.ndarray] | np.ndarray | str | Path,
                       dp_epsilon: float | None = None, rng: np.random.Generator | None = None,
                       *, threads: int = 1, batch_size: int = 256,
-                      skipped: list[Path] | None = None) -> Signature:
+                      skipped: list[Path] | None = None,
+                      pubkey: Ed25519PublicKey | None = None) -> Signature:
     """Signature of decoded images (any size/channels) or of every image under a folder.
 
     Unreadable files in a folder are skipped and appended to `skipped`; a folder with no
-    readable image is an error. `dp_epsilon` releases the private signature instead.
+    readable image is an error. `dp_epsilon` releases the private signature instead. The
+    signature carries the kit's run id; `pubkey` verifies a kit folder first (KitRunner).
     """
-    runner = kit_dir if isinstance(kit_dir, KitRunner) else KitRunner(kit_dir, threads=threads)
+    runner = kit_dir if isinstance(kit_dir, KitRunner) else KitRunner(kit_dir, threads=threads,
+                                                                      pubkey=pubkey)
     skipped = skipped if skipped is not None else []
     if isinstance(images, str | Path):
         folder = Path(images)
@@ -136,4 +188,4 @@ def compute_signature(kit_dir: str | Path | KitRunner,
         log.warning("skipped %d unreadable image(s) under %s", len(skipped), where)
     if count == 0:
         raise ValueError(f"no readable image in {where} ({len(skipped)} unreadable file(s))")
-    return exact_or_private(sums, count, dp_epsilon, rng)
+    return exact_or_private(sums, count, dp_epsilon, rng, run_id=runner.run_id)

@@ -21,6 +21,9 @@ NOT public: it is noised and released noisy. Equivalently the means receive Lapl
 scale b / n per coordinate, so the cost in routing accuracy falls as the device holds more
 images (`benchmarks/signature_dp.py` measures it).
 
+The signature's `run_id` names the public kit, not the images: it is released as is and costs
+no privacy.
+
 Caveats. The guarantee is per signature released; k signatures from the same images compose
 to k * eps. Noise comes from NumPy's floating-point Laplace sampler (no snapping mechanism,
 Mironov 2012), seeded from OS entropy unless a generator is passed (pass one only in tests).
@@ -55,15 +58,18 @@ def noisy_sums_and_count(sums: Sequence[np.ndarray], count: int, epsilon: float,
 
 
 def private_signature(sums: Sequence[np.ndarray], count: int, epsilon: float,
-                      rng: np.random.Generator | None = None) -> Signature:
+                      rng: np.random.Generator | None = None,
+                      run_id: str | None = None) -> Signature:
     """An eps-DP signature (see the module docstring) from exact per-level probability sums."""
     noisy, n = noisy_sums_and_count(sums, count, epsilon, rng)
-    return signature_from_sums(noisy, max(1, int(round(n))), dp_epsilon=float(epsilon))
+    return signature_from_sums(noisy, max(1, int(round(n))), dp_epsilon=float(epsilon),
+                               run_id=run_id)
 
 
 def exact_or_private(sums: Sequence[np.ndarray], count: int, epsilon: float | None,
-                     rng: np.random.Generator | None = None) -> Signature:
-    """The exact signature when epsilon is None, else the private one."""
+                     rng: np.random.Generator | None = None,
+                     run_id: str | None = None) -> Signature:
+    """The exact signature when epsilon is None, else the private one (both name the run)."""
     if epsilon is None:
-        return signature_from_sums(sums, count)
-    return private_signature(sums, count, epsilon, rng)
+        return signature_from_sums(sums, count, run_id=run_id)
+    return private_signature(sums, count, epsilon, rng, run_id)

@@ -27,8 +27,11 @@ from sdr_edge.artifacts.transfer import TAR_MEDIA_TYPE
 from sdr_edge.routing.signature import (
     SIGNATURE_FORMAT,
     SIGNATURE_VERSION,
+    RunIdMismatchError,
     SignatureValidationError,
+    check_run_id,
     route_signature,
+    served_run_id,
     validate_signature,
 )
 from server.registry.auth import TokenFile
@@ -69,6 +72,7 @@ class InfoOut(BaseModel):
     sdrnet_sha256: str
     public_key_sha256: str
     kit: bool
+    run_id: str | None = None  # what signatures must carry (see sdr_edge.routing.signature)
 
 
 def default_cache_dir(sdrnet_sha256: str) -> Path:
@@ -87,6 +91,10 @@ def signature_schema(branching: list[int]) -> dict:
         "properties": {
             "format": {"type": "string", "enum": [SIGNATURE_FORMAT]},
             "version": {"type": "integer", "enum": [SIGNATURE_VERSION]},
+            "run_id": {"anyOf": [{"type": "string", "pattern": "^[0-9a-f]{16}$"},
+                                 {"type": "null"}],
+                       "description": "the run of the kit the signature was computed with; "
+                                      "must be this server's (GET /v1/info), else 409"},
             "branching": {"type": "array", "items": {"type": "integer"},
                           "minItems": levels, "maxItems": levels, "example": branching},
             "levels": {
@@ -127,9 +135,10 @@ def create_app(run_dir: str | Path, tokens_file: str | Path, key_path: str | Pat
     top_routes = TopRoutes(branching)
     cache = BundleCache(net, spec, key, cache_dir or default_cache_dir(sdrnet_sha), provenance)
     kit = build_kit_archive(run_dir, key, provenance)
+    run_id, run_id_required = served_run_id(run_dir)
     info = InfoOut(branching=branching, num_subnets=net.num_subnets, input_spec=spec.to_dict(),
                    sdrnet_sha256=sdrnet_sha, public_key_sha256=sha256_bytes(pub_raw),
-                   kit=kit is not None).model_dump()
+                   kit=kit is not None, run_id=run_id).model_dump()
 
     app = FastAPI(title="sdr-edge registry", version="1",
                   description="Signature kit, task routing and signed SDR sub-net bundles.")
@@ -170,6 +179,8 @@ def create_app(run_dir: str | Path, tokens_file: str | Path, key_path: str | Pat
 
     @app.post("/v1/route", response_model=RouteOut, responses={
         401: unauthorized, 413: {"description": "body too large", "model": ErrorOut},
+        409: {"description": "signature computed with another run's kit (`run_id`)",
+              "model": ErrorOut},
         422: {"description": "malformed signature; `field` names the part", "model": ErrorOut}},
         openapi_extra={"requestBody": {"required": True, "content": {
             "application/json": {"schema": signature_schema(branching)}}}})
@@ -182,6 +193,9 @@ def create_app(run_dir: str | Path, tokens_file: str | Path, key_path: str | Pat
             return _error(422, f"signature: not valid JSON ({str(exc)[:80]})", "signature")
         try:
             sig = validate_signature(obj, branching)
+            check_run_id(sig, run_id, run_id_required)
+        except RunIdMismatchError as exc:  # well-formed, but its digits mean another run's codes
+            return _error(409, str(exc), exc.field)
         except SignatureValidationError as exc:
             return _error(422, str(exc), exc.field)
         route = route_signature(sig)
