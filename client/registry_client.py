@@ -10,6 +10,7 @@ is never replaced.
 from __future__ import annotations
 
 import json
+import re
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
@@ -123,11 +124,12 @@ def _post_route(client: httpx.Client, obj: dict) -> dict:
 def _bundle_id(route_or_signature: Any, client: httpx.Client) -> tuple[str, tuple[int, ...]]:
     if isinstance(route_or_signature, str) and not route_or_signature.lstrip().startswith("{"):
         text = route_or_signature
-        try:
-            route = tuple(int(d) for d in text.split("-"))
-        except ValueError as exc:
-            raise ValueError(f"route id {text!r} is not digits joined by '-'") from exc
-        return text, route
+        # fullmatch: int() takes ' 1', '+1', '1_0' and '１', and `$` a trailing newline; the
+        # text goes into the URL path, so only plain digits joined by '-' may pass
+        if not re.fullmatch(r"(?:0|[1-9][0-9]{0,3})(?:-(?:0|[1-9][0-9]{0,3}))*", text,
+                            flags=re.ASCII):
+            raise ValueError(f"route id {text[:40]!r} is not digits joined by '-'")
+        return text, tuple(int(d) for d in text.split("-"))
     if isinstance(route_or_signature, Sequence) and not isinstance(route_or_signature, str | bytes):
         route = tuple(int(d) for d in route_or_signature)
         return "-".join(str(d) for d in route), route

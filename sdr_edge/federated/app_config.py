@@ -7,6 +7,7 @@ node is contacted, instead of failing after minutes of training.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,10 +130,10 @@ class FederationConfig:
         text = self.route.strip()
         if not text:
             return None
-        try:
-            return tuple(int(d) for d in text.replace("-", ",").split(","))
-        except ValueError as exc:
-            raise FederationConfigError(f"route {self.route!r} is not digits like 1,0,2,3") from exc
+        # fullmatch of plain ASCII digits: int() would also take '+1', '1_0', '１' or ' 1 '
+        if not re.fullmatch(r"[0-9]{1,4}(?:[-,][0-9]{1,4})*", text, flags=re.ASCII):
+            raise FederationConfigError(f"route {self.route!r} is not digits like 1,0,2,3")
+        return tuple(int(d) for d in re.split("[-,]", text))
 
     def registry_token(self) -> str:
         if self.registry_token_file:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
@@ -27,6 +28,7 @@ from sdr_edge.artifacts.transfer import TAR_MEDIA_TYPE
 from sdr_edge.routing.signature import (
     SIGNATURE_FORMAT,
     SIGNATURE_VERSION,
+    SUM_TOLERANCE,
     RunIdMismatchError,
     SignatureValidationError,
     check_run_id,
@@ -34,11 +36,20 @@ from sdr_edge.routing.signature import (
     served_run_id,
     validate_signature,
 )
-from server.registry.auth import TokenFile
+from server.registry.auth import TokenFile, TokensUnavailable
 from server.registry.cache import BundleCache
 from server.registry.kit import build_kit_archive
-from server.registry.limits import BodyLimitMiddleware
-from server.registry.route_ids import RouteIdError, format_route_id, parse_route_id
+from server.registry.limits import (
+    DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_HEADERS,
+    BodyLimitMiddleware,
+)
+from server.registry.route_ids import (
+    RouteIdError,
+    format_route_id,
+    parse_route_id,
+    route_id_pattern,
+)
 from server.registry.scoring import TopRoutes
 
 log = logging.getLogger(__name__)
@@ -81,27 +92,39 @@ def default_cache_dir(sdrnet_sha256: str) -> Path:
     return base / "sdr-edge" / "registry" / sdrnet_sha256[:16]
 
 
-def signature_schema(branching: list[int]) -> dict:
-    """JSON schema of a signature for this SDRnet (documentation; the validator is stricter)."""
-    levels = len(branching)
+def signature_schema(branching: list[int], run_id: str | None = None,
+                     run_id_required: bool = False) -> dict:
+    """JSON schema of a signature for this SDRnet: exactly what `validate_signature` enforces,
+    except that each level must sum to 1 (within SUM_TOLERANCE), which JSON schema cannot say.
+
+    Per level, `prefixItems` fixes the number of probabilities (B_r); a probability is never
+    above 1 + SUM_TOLERANCE since none is negative and they sum to 1 within it. When the
+    server requires a run id, `run_id` is required and may not be null (`check_run_id`).
+    """
+    run_id_string = {"type": "string", "pattern": "^[0-9a-f]{16}$"}
+    if run_id is not None:
+        run_id_string["example"] = run_id
+    level = [{"type": "array", "minItems": int(b), "maxItems": int(b),
+              "items": {"type": "number", "minimum": 0, "maximum": 1 + SUM_TOLERANCE}}
+             for b in branching]
     return {
         "type": "object",
         "additionalProperties": False,
-        "required": ["levels", "count"],
+        "required": ["levels", "count", "run_id"] if run_id_required else ["levels", "count"],
         "properties": {
             "format": {"type": "string", "enum": [SIGNATURE_FORMAT]},
             "version": {"type": "integer", "enum": [SIGNATURE_VERSION]},
-            "run_id": {"anyOf": [{"type": "string", "pattern": "^[0-9a-f]{16}$"},
-                                 {"type": "null"}],
+            "run_id": {**(run_id_string if run_id_required
+                          else {"anyOf": [run_id_string, {"type": "null"}]}),
                        "description": "the run of the kit the signature was computed with; "
                                       "must be this server's (GET /v1/info), else 409"},
-            "branching": {"type": "array", "items": {"type": "integer"},
-                          "minItems": levels, "maxItems": levels, "example": branching},
+            "branching": {"type": "array", "const": list(branching), "example": branching,
+                          "description": "optional; when present, the server's branching"},
             "levels": {
-                "type": "array", "minItems": levels, "maxItems": levels,
-                "description": "per level, the mean probability of each code digit (sums to 1)",
-                "items": {"type": "array", "items": {"type": "number", "minimum": 0,
-                                                     "maximum": 1}},
+                "type": "array", "minItems": len(branching), "maxItems": len(branching),
+                "description": "per level, the mean probability of each code digit; each "
+                               f"level sums to 1 (within {SUM_TOLERANCE})",
+                "prefixItems": level, "items": False,
             },
             "count": {"type": "integer", "minimum": 1},
             "dp_epsilon": {"anyOf": [{"type": "number", "exclusiveMinimum": 0},
@@ -119,7 +142,9 @@ def _error(status: int, detail: str, field: str | None = None) -> JSONResponse:
 
 def create_app(run_dir: str | Path, tokens_file: str | Path, key_path: str | Path,
                cache_dir: str | Path | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+               max_headers: int = DEFAULT_MAX_HEADERS) -> FastAPI:
     """Load the run's SDRnet, tokens and signing key once; return the registry app."""
     run_dir = Path(run_dir)
     tokens = TokenFile(tokens_file)
@@ -142,34 +167,49 @@ def create_app(run_dir: str | Path, tokens_file: str | Path, key_path: str | Pat
 
     app = FastAPI(title="sdr-edge registry", version="1",
                   description="Signature kit, task routing and signed SDR sub-net bundles.")
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes,
+                       max_header_bytes=max_header_bytes, max_headers=max_headers)
     app.state.cache = cache
     bearer = HTTPBearer(auto_error=False, description="a token from `sdr-server token`")
     unauthorized = {"description": "missing or wrong bearer token", "model": ErrorOut}
+    unavailable = {"description": "tokens file missing or malformed: no token is trusted",
+                   "model": ErrorOut}
 
     # async on purpose: a sync dependency runs in the thread pool, which cost /v1/route 2.5x
     async def client_name(
             cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
-        name = tokens.check(cred.credentials) if cred is not None else None
+        try:
+            name = tokens.check(cred.credentials) if cred is not None else None
+        except TokensUnavailable:  # fail closed; TokenFile logged the reason when it broke
+            raise HTTPException(503, "the registry cannot check tokens right now (its tokens "
+                                "file is missing or malformed); try again later",
+                                headers={"Retry-After": "5"}) from None
         if name is None:
             raise HTTPException(401, "missing or invalid bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})
         return name
 
     Client = Annotated[str, Depends(client_name)]
+    # the pattern is documentation (a bad id gets our 404, not FastAPI's 422) and says exactly
+    # what parse_route_id accepts for this branching
+    RouteIdParam = Annotated[str, PathParam(
+        description="route digits joined by '-', one per level",
+        json_schema_extra={"pattern": route_id_pattern(branching),
+                           "example": format_route_id([0] * len(branching))})]
 
     @app.get("/healthz", summary="liveness (no authentication)")
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/v1/info", response_model=InfoOut, responses={401: unauthorized})
+    @app.get("/v1/info", response_model=InfoOut, responses={401: unauthorized, 503: unavailable})
     async def get_info(_: Client) -> JSONResponse:
         """Branching, input spec and hashes a client can check before routing."""
         return JSONResponse(info)
 
     @app.get("/v1/kit", response_class=Response, responses={
         200: {"content": {TAR_MEDIA_TYPE: {}}, "description": "signed kit archive (tar)"},
-        401: unauthorized, 404: {"description": "run has no kit", "model": ErrorOut}})
+        401: unauthorized, 404: {"description": "run has no kit", "model": ErrorOut},
+        503: unavailable})
     async def get_kit(_: Client) -> Response:
         """The signature kit: a tar of its files plus a signed manifest."""
         if kit is None:
@@ -178,12 +218,13 @@ def create_app(run_dir: str | Path, tokens_file: str | Path, key_path: str | Pat
                         headers={"X-Manifest-Sha256": kit[1]})
 
     @app.post("/v1/route", response_model=RouteOut, responses={
-        401: unauthorized, 413: {"description": "body too large", "model": ErrorOut},
+        401: unauthorized, 503: unavailable,
+        413: {"description": "body too large", "model": ErrorOut},
         409: {"description": "signature computed with another run's kit (`run_id`)",
               "model": ErrorOut},
         422: {"description": "malformed signature; `field` names the part", "model": ErrorOut}},
         openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": signature_schema(branching)}}}})
+            "application/json": {"schema": signature_schema(branching, run_id, run_id_required)}}}})
     async def post_route(request: Request, _: Client) -> JSONResponse:
         """Signature -> the routed sub-net (majority digit per level) and the top scores."""
         body = await request.body()
@@ -206,8 +247,9 @@ def create_app(run_dir: str | Path, tokens_file: str | Path, key_path: str | Pat
 
     @app.get("/v1/subnets/{route_id}", response_class=FileResponse, responses={
         200: {"content": {TAR_MEDIA_TYPE: {}}, "description": "signed bundle archive (tar)"},
-        401: unauthorized, 404: {"description": "no such route", "model": ErrorOut}})
-    async def get_subnet(route_id: str, _: Client) -> Response:
+        401: unauthorized, 404: {"description": "no such route", "model": ErrorOut},
+        503: unavailable})
+    async def get_subnet(route_id: RouteIdParam, _: Client) -> Response:
         """The signed bundle of one sub-net ('1-2-3-0'), extracted on first request."""
         try:
             route = parse_route_id(route_id, branching)
@@ -237,6 +279,8 @@ def app_from_env() -> FastAPI:
     try:
         return create_app(env[ENV_PREFIX + "RUN"], env[ENV_PREFIX + "TOKENS"],
                           env[ENV_PREFIX + "KEY"], env.get(ENV_PREFIX + "CACHE") or None,
-                          int(env.get(ENV_PREFIX + "MAX_BODY", DEFAULT_MAX_BODY_BYTES)))
+                          int(env.get(ENV_PREFIX + "MAX_BODY", DEFAULT_MAX_BODY_BYTES)),
+                          int(env.get(ENV_PREFIX + "MAX_HEADER_BYTES", DEFAULT_MAX_HEADER_BYTES)),
+                          int(env.get(ENV_PREFIX + "MAX_HEADERS", DEFAULT_MAX_HEADERS)))
     except KeyError as exc:
         raise RuntimeError(f"registry setting {exc.args[0]} is not set") from exc

@@ -70,40 +70,64 @@ class TokenStore:
         return found
 
 
+class TokensUnavailable(RuntimeError):
+    """The tokens file cannot be read or parsed: no token is trusted until it is fixed."""
+
+
 class TokenFile:
     """A TokenStore that follows its file: tokens added or revoked take effect without a
-    restart (the file is stat-ed at most once per `interval` seconds; a malformed edit keeps
-    the previous tokens and is logged)."""
+    restart (the file is stat-ed at most once per `interval` seconds).
+
+    Revocation must not fail open: when the file disappears, becomes unreadable or is edited
+    into something malformed, every check raises TokensUnavailable (the app answers 503 and
+    the reason is logged) until a valid file is back. Keeping the previous tokens would keep
+    a token its owner just removed working.
+    """
 
     def __init__(self, path: str | Path, interval: float = 1.0) -> None:
         self.path = Path(path)
         self.interval = interval
-        self.store = TokenStore.load(self.path)
+        self.store: TokenStore | None = TokenStore.load(self.path)
+        self.error: str | None = None
         self._stamp = self._stat()
         self._checked = time.monotonic()
 
-    def _stat(self) -> tuple[int, int, int] | None:
+    def _stat(self) -> tuple[int, int, int, int] | None:
         try:
             st = self.path.stat()
-        except FileNotFoundError:
+        except OSError:
             return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+        return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
 
     def __len__(self) -> int:
-        return len(self.store)
+        return len(self.store) if self.store is not None else 0
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < self.interval:
+            return
+        self._checked = now
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            self.store = TokenStore.load(self.path)
+        except (TokenFileError, OSError, UnicodeDecodeError) as exc:
+            self.store, self.error = None, str(exc)
+            log.error("refusing every token until the tokens file is valid again: %s", exc)
+            return
+        if self.error is not None:
+            log.warning("tokens file %s is valid again", self.path)
+        self.error = None
+        log.info("reloaded %d token(s) from %s", len(self.store), self.path)
 
     def check(self, token: str) -> str | None:
-        now = time.monotonic()
-        if now - self._checked >= self.interval:
-            self._checked = now
-            stamp = self._stat()
-            if stamp != self._stamp:
-                self._stamp = stamp
-                try:
-                    self.store = TokenStore.load(self.path)
-                    log.info("reloaded %d token(s) from %s", len(self.store), self.path)
-                except (TokenFileError, OSError, UnicodeDecodeError) as exc:
-                    log.error("keeping the previous tokens: %s", exc)
+        """The client name for `token`, None when unknown; TokensUnavailable when the file
+        is missing or malformed."""
+        self._refresh()
+        if self.store is None:
+            raise TokensUnavailable(self.error or f"{self.path} is not usable")
         return self.store.check(token)
 
 

@@ -79,11 +79,16 @@ class BundleCache:
     def payload(self, route: tuple[int, ...]) -> bytes | None:
         """The ready archive's bytes from memory (re-read if the file changed); None when the
         route is not ready yet or its archive is too big to hold (serve the file instead).
-        Call from the event loop thread only."""
+        Call from the event loop thread only. An archive deleted behind the registry's back
+        (a cache clean-up, a full disk) is forgotten, so `archive` rebuilds it."""
         path = self._ready.get(route)
         if path is None:
             return None
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            self._forget(route)
+            return None
         if st.st_size > self.inline_bytes:
             return None
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
@@ -91,7 +96,11 @@ class BundleCache:
         if hit is not None and hit[0] == stamp:
             self._memory.move_to_end(route)
             return hit[1]
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            self._forget(route)
+            return None
         if hit is not None:
             self._memory_used -= len(hit[1])
         self._memory[route] = (stamp, data)
@@ -101,14 +110,23 @@ class BundleCache:
             self._memory_used -= len(old)
         return data
 
+    def _forget(self, route: tuple[int, ...]) -> None:
+        """Drop a route whose archive vanished from disk (it is rebuilt on its next request)."""
+        path = self._ready.pop(route, None)
+        hit = self._memory.pop(route, None)
+        if hit is not None:
+            self._memory_used -= len(hit[1])
+        if path is not None:
+            log.warning("cached archive %s disappeared; rebuilding it", path.name)
+
     def archive(self, route: tuple[int, ...]) -> Path:
         """Path of the route's archive; route must already be validated against the branching."""
         ready = self._ready.get(route)
-        if ready is not None:
+        if ready is not None and ready.is_file():
             return ready
         with self._route_lock(route):
             ready = self._ready.get(route)
-            if ready is not None:
+            if ready is not None and ready.is_file():
                 return ready
             folder = self.bundle_dir(route)
             if not self._reusable(folder, route):
