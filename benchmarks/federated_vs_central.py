@@ -54,7 +54,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=0.0, help="Dirichlet alpha; 0: IID")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=LocalTrainConfig.lr)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--fine-tune", default="full", choices=("full", "linear"))
     p.add_argument("--strategy", default="fedavg", choices=("fedavg", "fedprox"))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from sdr_edge.training.finetune import FineTuneConfig
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -85,22 +87,25 @@ BUDGETS: dict[str, Budget] = {
         name="minute", pool="fashion-mnist:train", pool_limit=500, image_size=16,
         widths=(8, 8, 16, 16), stem_width=8, batch_size=128, phase0_epochs=1,
         level_epochs_k256=(1, 1, 1, 1), level_epochs_k16=(2, 2), kit_epochs=1, task_limit=200,
-        candidates_k16="top2", candidates_k256="top2", finetune_epochs=1, finetune_lr=0.05,
+        candidates_k16="top2", candidates_k256="top2", finetune_epochs=1,
+        finetune_lr=FineTuneConfig.lr,
         proj_dim=32, pred_hidden=8, threads=1, random_routes=2,
     ),
     "cpu": Budget(
         name="cpu", pool="fashion-mnist:train", pool_limit=12000, image_size=28,
         widths=(8, 16, 32, 64), stem_width=8, batch_size=256, phase0_epochs=10,
         level_epochs_k256=(2, 2, 2, 2), level_epochs_k16=(4, 4), kit_epochs=6, task_limit=2000,
-        candidates_k16="all", candidates_k256="top32", finetune_epochs=3, finetune_lr=0.05,
+        candidates_k16="all", candidates_k256="top32", finetune_epochs=FineTuneConfig.epochs,
+        finetune_lr=FineTuneConfig.lr,
         threads=1,
     ),
     "full": Budget(
         name="full", pool="fashion-mnist:train", pool_limit=None, image_size=28,
         widths=(32, 64, 128, 256), stem_width=32, batch_size=512, phase0_epochs=80,
         level_epochs_k256=(10, 10, 10, 10), level_epochs_k16=(20, 20), kit_epochs=20,
-        task_limit=None, candidates_k16="all", candidates_k256="all", finetune_epochs=10,
-        finetune_lr=0.05, proj_dim=512, pred_hidden=128,
+        task_limit=None, candidates_k16="all", candidates_k256="all",
+        finetune_epochs=FineTuneConfig.epochs,
+        finetune_lr=FineTuneConfig.lr, proj_dim=512, pred_hidden=128,
     ),
 }
 

@@ -82,10 +82,11 @@ def pretrain_all(budget: Budget, out: Path, seed: int, kd_weight: float | None =
 def finetune_accuracy(backbone: Backbone, spec: InputSpec, x_tr: np.ndarray, y_tr: np.ndarray,
                       x_te: np.ndarray, y_te: np.ndarray, num_classes: int, budget: Budget,
                       seed: int) -> float:
-    """A few epochs of full fine-tuning (backbone + linear head); test accuracy."""
+    """Full fine-tuning (backbone + linear head) with the library's recipe; test accuracy."""
+    torch.manual_seed(seed)  # the head's initialisation: same seed, same number
     model = SubnetModel(copy.deepcopy(backbone), num_classes)
-    cfg = LocalTrainConfig(epochs=budget.finetune_epochs, lr=budget.finetune_lr, batch_size=64,
-                           mode="full", weight_decay=5e-4, seed=seed)
+    cfg = LocalTrainConfig(epochs=budget.finetune_epochs, lr=budget.finetune_lr, mode="full",
+                           seed=seed)
     train_local(model, x_tr, y_tr, spec, cfg, progress="fine-tune")
     return evaluate_local(model, x_te, y_te, spec).accuracy
 

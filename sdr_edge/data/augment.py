@@ -100,3 +100,25 @@ def normalize_tensor(x: torch.Tensor, mean, std) -> torch.Tensor:
     m = torch.tensor(mean, dtype=x.dtype, device=x.device)[None, :, None, None]
     s = torch.tensor(std, dtype=x.dtype, device=x.device)[None, :, None, None]
     return (x - m) / s
+
+
+def light_augment(x: torch.Tensor, g: torch.Generator, *, shift: float = 0.08,
+                  scale: tuple[float, float] = (0.9, 1.1), flip: bool = False) -> torch.Tensor:
+    """Fine-tuning augmentation: a small random shift and zoom (and a flip only when asked).
+
+    Works on any NCHW float batch (normalised or not): borders are replicated, not zero-filled.
+    `shift` is the largest translation as a fraction of the image side. Flip is off by default
+    because it changes the meaning of glyphs and digits; clothes tolerate it.
+    """
+    n = x.shape[0]
+    device = x.device
+    zoom = torch.empty(n, device=device).uniform_(*scale, generator=g)  # > 1 zooms out
+    sign = (torch.where(torch.rand(n, generator=g, device=device) < 0.5, -1.0, 1.0) if flip
+            else torch.ones(n, device=device))
+    move = (torch.rand(n, 2, generator=g, device=device) * 2 - 1) * (2 * shift)
+    theta = torch.zeros(n, 2, 3, device=device, dtype=x.dtype)
+    theta[:, 0, 0] = zoom * sign
+    theta[:, 1, 1] = zoom
+    theta[:, :, 2] = move
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -78,14 +78,18 @@ def query_task(content: RecordDict, node_config: Mapping[str, object]) -> Record
 
 
 def train_config(config: Mapping[str, object]) -> LocalTrainConfig:
-    """The round's local recipe from the server's ConfigRecord."""
+    """The round's local recipe from the server's ConfigRecord; unset keys take the recipe's
+    defaults (LocalTrainConfig). A node re-fits the shared head to its own data first (LP-FT
+    probe init) only when "probe-init" is true."""
+    d = LocalTrainConfig()
     return LocalTrainConfig(
         epochs=int(config.get("local-epochs", 1)),  # type: ignore[arg-type]
-        lr=float(config.get("lr", 0.05)),  # type: ignore[arg-type]
-        batch_size=int(config.get("batch-size", 32)),  # type: ignore[arg-type]
-        mode=str(config.get("fine-tune", "full")),
+        lr=float(config.get("lr", d.lr)),  # type: ignore[arg-type]
+        batch_size=int(config.get("batch-size", d.batch_size)),  # type: ignore[arg-type]
+        mode=str(config.get("fine-tune", d.mode)),
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
         seed=int(config.get("server-round", 0)),  # type: ignore[arg-type]
+        probe_init=str(config.get("probe-init", d.probe_init)).lower() in ("true", "1", "yes"),
     )
 
 

@@ -1,0 +1,290 @@
+"""The fine-tuning recipe every device, benchmark and baseline runs: one place for its defaults.
+
+A constant learning rate on every weight from a random head (the old recipe) scored below the
+frozen linear probe of the same model and varied by tens of points across seeds: the random
+head's large gradients flow into the pre-trained backbone and distort its features before the
+head is any good (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features"). The recipe
+here, chosen by measurement (benchmarks/finetune_recipe.py):
+
+* LP-FT: the head starts at the linear probe's solution (logistic regression on the frozen,
+  standardised features, folded into the linear layer), then the whole model is fine-tuned;
+* two learning rates: the backbone trains at `backbone_lr_scale` x the head's rate;
+* per-step schedule: optional linear warm-up (a fraction of this call's steps, so one epoch is
+  never all warm-up), then cosine decay;
+* light augmentation (small shift and zoom; horizontal flip only when asked: it changes digits
+  and letters);
+* BatchNorm on purpose: "frozen" keeps the pre-trained running statistics (BN layers in eval
+  mode, their affine weights still train), "train" updates them from the local batches;
+* optional label smoothing and FedProx's proximal term; deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+from torch import nn
+from tqdm import tqdm
+
+from sdr_edge.data.augment import light_augment
+from sdr_edge.data.preprocess import InputSpec, normalize_batch
+from sdr_edge.models.classifier import SubnetModel
+
+log = logging.getLogger(__name__)
+
+FINE_TUNE_MODES = ("full", "linear")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "constant")
+BN_MODES = ("frozen", "train")
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """One fine-tuning call's recipe. `lr` is the head's peak rate; the backbone gets
+    `lr * backbone_lr_scale`. The first eight fields are the old LocalTrainConfig's."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 32
+    mode: str = "full"  # "full": every weight; "linear": frozen backbone, head only
+    proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 0.05  # decoupled (AdamW); SGD's L2 wants ~5e-4
+    seed: int = 0
+    backbone_lr_scale: float = 1.0
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    warmup_fraction: float = 0.0  # share of this call's steps spent warming up linearly
+    min_lr_fraction: float = 0.0  # cosine ends at lr * min_lr_fraction
+    probe_init: bool = False  # LP-FT: start the head at the linear probe's solution
+    bn: str = "train"
+    augment: bool = True
+    flip: bool = False
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in FINE_TUNE_MODES:
+            raise ValueError(f"unknown fine-tune mode {self.mode!r} (full or linear)")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch size must be >= 1")
+        if not self.lr > 0 or self.proximal_mu < 0:
+            raise ValueError("lr must be > 0 and proximal-mu >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r} (one of {OPTIMIZERS})")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.schedule!r} (one of {SCHEDULES})")
+        if self.bn not in BN_MODES:
+            raise ValueError(f"unknown BatchNorm mode {self.bn!r} (one of {BN_MODES})")
+        if not 0 < self.backbone_lr_scale <= 10:
+            raise ValueError("backbone-lr-scale must be in (0, 10]")
+        if not 0 <= self.warmup_fraction < 1 or not 0 <= self.min_lr_fraction <= 1:
+            raise ValueError("warmup-fraction must be in [0, 1) and min-lr-fraction in [0, 1]")
+        if not 0 <= self.label_smoothing < 1 or self.weight_decay < 0 or self.momentum < 0:
+            raise ValueError("label-smoothing must be in [0, 1), weight-decay and momentum >= 0")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    num_examples: int
+    steps: int
+
+
+def lr_factor(step: int, total: int, cfg: FineTuneConfig) -> float:
+    """Multiplier of the peak lr at optimiser step `step` of `total` (0-based)."""
+    if cfg.schedule == "constant":
+        return 1.0
+    warmup = int(round(cfg.warmup_fraction * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: SubnetModel, cfg: FineTuneConfig) -> list[dict]:
+    """Head at cfg.lr, backbone at cfg.lr * backbone_lr_scale (absent in linear mode)."""
+    groups = [{"params": list(model.head.parameters()), "lr": cfg.lr, "name": "head"}]
+    if cfg.mode == "full":
+        groups.append({"params": list(model.backbone.parameters()),
+                       "lr": cfg.lr * cfg.backbone_lr_scale, "name": "backbone"})
+    return groups
+
+
+def make_optimizer(model: SubnetModel, cfg: FineTuneConfig, total_steps: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimiser over `param_groups` and its per-step warm-up + cosine scheduler."""
+    groups = param_groups(model, cfg)
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                                                     weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    factor: Callable[[int], float] = lambda step: lr_factor(step, total_steps, cfg)  # noqa: E731
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def to_tensors(images: np.ndarray, labels: np.ndarray, spec: InputSpec,
+               num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked, normalised (evaluation transform) inputs and int64 labels."""
+    if labels is None:
+        raise ValueError("labels are required")
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got "
+                         f"[{labels.min()}, {labels.max()}]")
+    x = torch.from_numpy(normalize_batch(images, spec))
+    return x, torch.from_numpy(np.asarray(labels, dtype=np.int64))
+
+
+def set_trainable(model: SubnetModel, mode: str, bn: str = "train") -> list[nn.Parameter]:
+    """Put the model in training mode for `mode`; return the parameters to optimise.
+
+    With bn="frozen" every BatchNorm layer stays in eval mode (pre-trained running statistics
+    are used and kept; its scale and shift still train in full mode).
+    """
+    if model.head is None:
+        raise ValueError("fine-tuning needs a model with a classification head")
+    model.train()
+    if mode == "linear":
+        model.backbone.eval()  # frozen features keep their BatchNorm statistics too
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+        for p in model.head.parameters():
+            p.requires_grad_(True)
+        return list(model.head.parameters())
+    if bn == "frozen":
+        for m in model.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return list(model.parameters())
+
+
+@torch.no_grad()
+def _features(backbone: nn.Module, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    was = backbone.training
+    backbone.eval()
+    try:
+        return torch.cat([backbone(x[s:s + batch_size]) for s in range(0, len(x), batch_size)]
+                         ).double().numpy()
+    finally:
+        backbone.train(was)
+
+
+@torch.no_grad()
+def probe_init_head(model: SubnetModel, x: torch.Tensor, y: torch.Tensor, seed: int = 0,
+                    c: float = 1.0) -> bool:
+    """Set the head to the linear probe (standardised logistic regression) on frozen features.
+
+    The scaler is folded into the linear layer, so the model's logits equal the probe's. A
+    class with no training image gets zero weights and a low bias. False (head untouched) when
+    fewer than two classes are present.
+    """
+    assert model.head is not None
+    labels = y.numpy()
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        log.warning("probe init skipped: the training split has a single class")
+        return False
+    feats = _features(model.backbone, x)
+    scaler = StandardScaler().fit(feats)
+    probe = LogisticRegression(C=c, max_iter=2000, random_state=seed)
+    with threadpool_limits(limits=1):  # tiny BLAS problems: one thread is far faster
+        probe.fit(scaler.transform(feats), labels)
+    coef = probe.coef_ / scaler.scale_[None, :]
+    bias = probe.intercept_ - coef @ scaler.mean_
+    if len(classes) == 2:  # sklearn keeps one row: logit(class 1) - logit(class 0)
+        coef, bias = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-bias[0] / 2, bias[0] / 2])
+    weight = np.zeros((model.head.out_features, feats.shape[1]))
+    full_bias = np.full(model.head.out_features, bias.min() - 10.0)
+    weight[classes], full_bias[classes] = coef, bias
+    model.head.weight.copy_(torch.from_numpy(weight))
+    model.head.bias.copy_(torch.from_numpy(full_bias))
+    return True
+
+
+def fine_tune(model: SubnetModel, images: np.ndarray, labels: np.ndarray, spec: InputSpec,
+              cfg: FineTuneConfig, progress: str | None = None) -> TrainResult:
+    """Fine-tune `model` (backbone + linear head) in place with the recipe `cfg`."""
+    if len(images) == 0:
+        raise ValueError("no training images")
+    if model.head is None:
+        raise ValueError("fine-tuning needs a model with a classification head")
+    x, y = to_tensors(images, labels, spec, model.num_classes or 0)
+    anchors = ({name: p.detach().clone() for name, p in model.named_parameters()}
+               if cfg.proximal_mu > 0 else None)  # the weights received, before any change
+    if cfg.probe_init:
+        probe_init_head(model, x, y, seed=cfg.seed)
+    set_trainable(model, cfg.mode, cfg.bn)
+    bn_trains = cfg.mode == "full" and cfg.bn == "train"
+    n, bs = len(y), cfg.batch_size
+    per_epoch = n // bs + (1 if n % bs >= (2 if bn_trains else 1) else 0)
+    total_steps = cfg.epochs * per_epoch
+    opt, sched = make_optimizer(model, cfg, max(total_steps, 1))
+    prox = ([(p, anchors[name]) for name, p in model.named_parameters() if p.requires_grad]
+            if anchors is not None else [])
+    gen = torch.Generator().manual_seed(cfg.seed)
+    total, seen, steps = 0.0, 0, 0
+    bar = tqdm(total=total_steps, desc=progress or "fine-tune", disable=None, leave=False)
+    try:
+        for _ in range(cfg.epochs):
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n, bs):
+                idx = order[start:start + bs]
+                if len(idx) < 2 and bn_trains:
+                    continue  # BatchNorm cannot train on a batch of one
+                xb = x[idx]
+                if cfg.augment:
+                    xb = light_augment(xb, gen, flip=cfg.flip)
+                loss = F.cross_entropy(model(xb), y[idx], label_smoothing=cfg.label_smoothing)
+                if prox:
+                    loss = loss + 0.5 * cfg.proximal_mu * sum(((p - a) ** 2).sum()
+                                                              for p, a in prox)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach()) * len(idx)
+                seen += len(idx)
+                steps += 1
+                bar.update(1)
+    finally:
+        bar.close()
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return TrainResult(total / max(seen, 1), n, steps)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+@torch.no_grad()
+def evaluate(model: SubnetModel, images: np.ndarray, labels: np.ndarray, spec: InputSpec,
+             batch_size: int = 256) -> EvalResult:
+    """Cross-entropy and accuracy of the model on held-out images (eval mode)."""
+    if len(images) == 0:
+        raise ValueError("no evaluation images")
+    x, y = to_tensors(images, labels, spec, model.num_classes or 0)
+    model.eval()
+    loss, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start:start + batch_size])
+        target = y[start:start + batch_size]
+        loss += float(F.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(1) == target).sum())
+    return EvalResult(loss / len(y), correct / len(y), len(y))
