@@ -294,7 +294,7 @@ def test_signature_run_id_field_and_aggregation():
     )
 
     base = {"branching": [2, 2], "levels": [[0.5, 0.5], [0.2, 0.8]], "count": 3}
-    for bad in ("ABCDEF0123456789", "123", 7, "0123456789abcdef0"):
+    for bad in ("ABCDEF0123456789", "123", 7, "0123456789abcdef0", "0123456789abcdef\n"):
         with pytest.raises(SignatureValidationError) as err:
             validate_signature({**base, "run_id": bad})
         assert err.value.field == "run_id"

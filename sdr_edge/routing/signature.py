@@ -49,7 +49,7 @@ MAX_SUBNETS = 1 << 20  # score_routes enumerates every route
 DECIMALS = 6  # JSON precision: keeps 4 x 4 signatures at a few hundred bytes
 RUN_ID_SOURCE = "codebooks.safetensors"  # = sdr_edge.artifacts.run_dir.CODEBOOKS (imports torch)
 RUN_ID_HEX = 16  # 64 bits: tells runs apart (a consistency check, not a secret); keeps it small
-_RUN_ID = re.compile(rf"^[0-9a-f]{{{RUN_ID_HEX}}}$")
+_RUN_ID = re.compile(rf"[0-9a-f]{{{RUN_ID_HEX}}}")
 REFETCH_HINT = "fetch this server's kit (sdr-client fetch --kit) and recompute the signature"
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def check_run_id_format(value: object, field: str = "run_id") -> str | None:
     """None, or a run id as `run_id_of` writes it (16 lowercase hex digits)."""
     if value is None:
         return None
-    if not isinstance(value, str) or not _RUN_ID.match(value):
+    if not isinstance(value, str) or not _RUN_ID.fullmatch(value):
         raise SignatureValidationError(field, f"must be null or {RUN_ID_HEX} lowercase hex "
                                               f"digits, got {str(value)[:40]!r}")
     return value
