@@ -32,6 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pubkey", required=True, type=Path, help="the server's server.pub")
     parser.add_argument("--out", required=True, type=Path, help="bundle folder to write")
     parser.add_argument("--cacert", type=Path, help="CA certificate of a private HTTPS server")
+    rerank = parser.add_argument_group(
+        "re-ranking on the device (with --signature; needs torch)",
+        "download the top M routed sub-nets, run each on local images and keep the best: "
+        "rankme needs no labels, logme and knn need one sub-folder per class in --images")
+    rerank.add_argument("--rerank", choices=("rankme", "logme", "knn"),
+                        help="score the top-M candidates on --images and keep the best")
+    rerank.add_argument("--top-m", type=int, default=8, help="candidates to download (default 8)")
+    rerank.add_argument("--images", type=Path, help="local images (class sub-folders for labels)")
 
 
 def resolve_token(token: str | None, token_file: Path | None) -> str:
@@ -84,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(str(exc)) from exc
         print(json.dumps({"kit": str(out), "verified": True}))
         return 0
+    if args.rerank:
+        return _run_rerank(args, token, pubkey)
+    if args.images is not None:
+        raise CommandError("--images is only used with --rerank")
     target = _load_signature(args.signature) if args.signature else args.route
     try:
         out = fetch_bundle(args.server, token, target, pubkey, args.out, cacert=args.cacert)
@@ -94,4 +106,65 @@ def run(args: argparse.Namespace) -> int:
     route = "-".join(str(d) for d in manifest["route"])
     print(json.dumps({"route": manifest["route"], "bundle_id": route, "out": str(out),
                       "bytes": size, "verified": True}))
+    return 0
+
+
+def _local_images(folder: Path, size: int, channels: int, needs_labels: bool):
+    from sdr_edge.data.sources import load_source
+
+    if not folder.is_dir():
+        raise CommandError(f"--images {folder} is not a folder")
+    try:
+        source = load_source(str(folder), size, channels)
+    except (ValueError, OSError) as exc:
+        raise CommandError(f"--images {folder}: {exc}") from exc
+    if needs_labels and (source.labels is None or len(set(source.labels.tolist())) < 2):
+        raise CommandError(f"--images {folder}: logme and knn need labels: one sub-folder per "
+                           "class, at least two classes")
+    if len(source) < 2:
+        raise CommandError(f"--images {folder}: need at least two readable images")
+    return source
+
+
+def _run_rerank(args: argparse.Namespace, token: str, pubkey) -> int:
+    """--rerank: top-M candidates verified in memory, scored on local images, one kept."""
+    from client.registry_client import RegistryError, fetch_candidates
+    from sdr_edge.artifacts.staging import OutputError
+    from sdr_edge.artifacts.transfer import TransferError, write_files_atomically
+
+    if not args.signature:
+        raise CommandError("--rerank needs --signature (a route or the kit has nothing to rank)")
+    if args.images is None:
+        raise CommandError("--rerank needs --images (the local images to score candidates on)")
+    if not 1 <= args.top_m <= 64:
+        raise CommandError(f"--top-m must be between 1 and 64, got {args.top_m}")
+    try:
+        from sdr_edge.routing.device_rerank import rerank_bundles
+    except ImportError as exc:  # a torch-free device install
+        raise CommandError(f"--rerank runs the candidates with PyTorch ({exc}); install "
+                           "torch or fetch the signature route without --rerank") from exc
+    signature = _load_signature(args.signature)
+    try:
+        candidates = fetch_candidates(args.server, token, signature, pubkey, args.top_m,
+                                      cacert=args.cacert)
+    except (RegistryError, TransferError) as exc:
+        raise CommandError(str(exc)) from exc
+    spec = json.loads(candidates[0][1]["manifest.json"])["input_spec"]
+    source = _local_images(args.images, int(spec["image_size"]), int(spec["channels"]),
+                           args.rerank != "rankme")
+    choice = rerank_bundles([files for _, files in candidates], pubkey, source.images,
+                            args.rerank, None if args.rerank == "rankme" else source.labels)
+    route, files = candidates[choice.index]
+    try:
+        out = write_files_atomically(files, args.out)
+    except OutputError as exc:
+        raise CommandError(f"--out {exc}") from exc
+    downloaded = sum(len(b) for _, fs in candidates for b in fs.values())
+    print(json.dumps({
+        "route": list(route), "bundle_id": "-".join(str(d) for d in route), "out": str(out),
+        "verified": True, "rerank": args.rerank, "signature_rank": choice.index + 1,
+        "candidates": [{"route": list(r), "score": s} for (r, _), s in
+                       zip(candidates, choice.scores, strict=True)],
+        "bytes_downloaded": downloaded, "device_seconds": round(choice.seconds, 3),
+        "images": len(source)}))
     return 0

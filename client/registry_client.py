@@ -106,15 +106,17 @@ def _signature_obj(signature: Any) -> dict:
     raise TypeError(f"expected a Signature, dict or JSON text, got {type(signature).__name__}")
 
 
-def post_route(url: str, token: str, signature: Any, cacert: str | Path | None = None) -> dict:
-    """POST /v1/route: {'route': [...], 'bundle_id': '1-2-3-0', 'scores': [...]}."""
+def post_route(url: str, token: str, signature: Any, cacert: str | Path | None = None,
+               top: int | None = None) -> dict:
+    """POST /v1/route: {'route': [...], 'bundle_id': '1-2-3-0', 'scores': [...]} (`top` best)."""
     with make_client(url, token, cacert) as client:
-        return _post_route(client, _signature_obj(signature))
+        return _post_route(client, _signature_obj(signature), top)
 
 
-def _post_route(client: httpx.Client, obj: dict) -> dict:
+def _post_route(client: httpx.Client, obj: dict, top: int | None = None) -> dict:
     try:
-        response = client.post("/v1/route", json=obj)
+        response = client.post("/v1/route", json=obj,
+                               params=None if top is None else {"top": int(top)})
     except httpx.HTTPError as exc:
         raise RegistryError(f"POST /v1/route: cannot reach {client.base_url}: {exc}") from exc
     _raise_for(response, "POST /v1/route")
@@ -157,6 +159,30 @@ def fetch_bundle(url: str, token: str, route_or_signature: Any,
         raise TransferError(f"bundle refused: it is for route {manifest.get('route')}, "
                             f"requested {list(route)}")
     return write_files_atomically(files, out_dir)
+
+
+def fetch_candidates(url: str, token: str, signature: Any,
+                     pubkey: Ed25519PublicKey | str | Path, top_m: int,
+                     cacert: str | Path | None = None, max_bytes: int = MAX_ARCHIVE_BYTES
+                     ) -> list[tuple[tuple[int, ...], dict[str, bytes]]]:
+    """The top-M routes for a signature, each bundle downloaded and verified in memory (best
+    routing score first); nothing is written: the caller keeps one (`write_files_atomically`)."""
+    key = _pubkey(pubkey)
+    out = []
+    with make_client(url, token, cacert) as client:
+        answer = _post_route(client, _signature_obj(signature), top_m)
+        for row in answer["scores"][:top_m]:
+            route = tuple(int(d) for d in row["route"])
+            bundle_id = "-".join(str(d) for d in route)
+            data = _download(client, f"/v1/subnets/{bundle_id}", f"GET /v1/subnets/{bundle_id}",
+                             max_bytes)
+            files = unpack_files(data)
+            manifest = verify_bundle_archive(files, key)
+            if tuple(manifest.get("route", ())) != route:
+                raise TransferError(f"bundle refused: it is for route {manifest.get('route')}, "
+                                    f"requested {list(route)}")
+            out.append((route, files))
+    return out
 
 
 def get_kit(url: str, token: str, pubkey: Ed25519PublicKey | str | Path, out_dir: str | Path,

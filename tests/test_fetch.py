@@ -290,3 +290,62 @@ def test_create_app_names_what_is_missing(tmp_path):
     (tmp_path / "empty-run").mkdir()
     with pytest.raises(RunDirError, match="missing sdrnet.safetensors"):
         create_app(tmp_path / "empty-run", tokens, key, tmp_path / "cache")
+
+
+def _digit_folder(root, per_class: int = 6):
+    import cv2
+
+    from sdr_edge.data.sources import load_source
+
+    src = load_source("builtin:digits", 16, 1, limit=200, seed=0)
+    for cls in (0, 1, 2):
+        folder = root / f"class{cls}"
+        folder.mkdir(parents=True)
+        for i, img in enumerate(src.images[src.labels == cls][:per_class]):
+            cv2.imwrite(str(folder / f"{i}.png"), img)
+    return root
+
+
+@pytest.mark.slow
+def test_rerank_keeps_the_best_scored_of_the_top_m(registry, tmp_path, capsys):
+    sig_path = tmp_path / "signature.json"
+    sig_path.write_text(json.dumps(SIG))
+    images = _digit_folder(tmp_path / "images")
+    top = post_route(registry.url, registry.token, SIG, top=4)["scores"]
+    assert len(top) == 4
+    for method in ("knn", "rankme"):
+        out = tmp_path / f"bundle-{method}"
+        assert fetch_cli(registry, out, "--signature", str(sig_path), "--rerank", method,
+                         "--top-m", "4", "--images", str(images)) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert [c["route"] for c in printed["candidates"]] == [r["route"] for r in top]
+        best = max(range(4), key=lambda i: (printed["candidates"][i]["score"], -i))
+        assert printed["route"] == top[best]["route"] == printed["candidates"][best]["route"]
+        assert printed["signature_rank"] == best + 1 and printed["images"] == 18
+        assert load_bundle(out, load_public_key(registry.pubkey)).route == tuple(printed["route"])
+        assert printed["bytes_downloaded"] > 4 * (out / "weights.safetensors").stat().st_size
+
+
+@pytest.mark.slow
+def test_rerank_errors_are_one_line(registry, tmp_path, capsys):
+    sig_path = tmp_path / "signature.json"
+    sig_path.write_text(json.dumps(SIG))
+    flat = tmp_path / "flat"
+    _digit_folder(tmp_path / "nested")
+    flat.mkdir()
+    for p in (tmp_path / "nested" / "class0").iterdir():
+        p.rename(flat / p.name)
+    cases = [(["--rerank", "logme", "--images", str(flat)], "need labels"),
+             (["--rerank", "rankme"], "needs --images"),
+             (["--rerank", "rankme", "--images", str(flat), "--top-m", "0"], "between 1 and 64"),
+             (["--images", str(flat)], "only used with --rerank")]
+    for extra, message in cases:
+        assert fetch_cli(registry, tmp_path / "b", "--signature", str(sig_path), *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+        assert_nothing_left(tmp_path / "b")
+    with httpx.Client(base_url=registry.url,
+                      headers={"Authorization": f"Bearer {registry.token}"}) as client:
+        assert client.post("/v1/route", json=SIG, params={"top": 0}).status_code == 422
+        assert client.post("/v1/route", json=SIG, params={"top": 65}).status_code == 422
+        assert len(client.post("/v1/route", json=SIG, params={"top": 7}).json()["scores"]) == 7

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 from urllib.parse import quote
 
 import httpx
@@ -69,14 +70,24 @@ def _fraction_only(body: object) -> bool:
         isinstance(body.get(k), float) and body[k].is_integer() for k in ("count", "version"))
 
 
+def _top_is_valid(query: object) -> bool:
+    """`?top=M` of POST /v1/route: absent, or an integer 1..64 (what its Query says)."""
+    if not isinstance(query, dict) or "top" not in query:
+        return True
+    value = query["top"]
+    return bool(re.fullmatch(r"[0-9]+", str(value))) and 1 <= int(str(value)) <= 64
+
+
 def check_agreement(served: Served, op: str, body: object, route_id: object,
-                    response: httpx.Response | object) -> None:
+                    response: httpx.Response | object, query: object = None) -> None:
     """Schema verdict vs server verdict for one request that passed authentication (a 401 or
     413 was decided before any validator: a mutated Authorization header, a huge body)."""
     status = response.status_code
     if status in (401, 413):
         return
-    if op == "POST /v1/route" and not isinstance(body, NotSet | bytes):
+    if op == "POST /v1/route" and not _top_is_valid(query):
+        assert status == 422, (query, status, response.text)
+    elif op == "POST /v1/route" and not isinstance(body, NotSet | bytes):
         if served.signature.is_valid(body):
             if status == 422:
                 detail = response.json()["detail"]
@@ -108,7 +119,8 @@ def test_no_server_errors_and_schema_agrees(registry, served, mode):
                 assert response.status_code in (401, 404, 405, 413), response.text
             elif headers and case.media_type in (None, "application/json"):
                 check_agreement(served, op, case.body,
-                                (case.path_parameters or {}).get("route_id"), response)
+                                (case.path_parameters or {}).get("route_id"), response,
+                                case.query)
 
     for result in schema.get_all_operations():
         operation = result.ok()

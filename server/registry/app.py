@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 TOP_SCORES = 5
+MAX_TOP = 64  # a device re-ranking the top M on its own images asks for at most this many
 ENV_PREFIX = "SDR_REGISTRY_"
 
 
@@ -225,7 +226,11 @@ def create_app(run_dir: str | Path, tokens_file: str | Path, key_path: str | Pat
         422: {"description": "malformed signature; `field` names the part", "model": ErrorOut}},
         openapi_extra={"requestBody": {"required": True, "content": {
             "application/json": {"schema": signature_schema(branching, run_id, run_id_required)}}}})
-    async def post_route(request: Request, _: Client) -> JSONResponse:
+    async def post_route(request: Request, _: Client,
+                         top: Annotated[int, Query(ge=1, le=MAX_TOP, description=(
+                             "how many of the best-scored routes to list in `scores` (a device "
+                             "that re-ranks candidates on its own images asks for its M)"))
+                         ] = TOP_SCORES) -> JSONResponse:
         """Signature -> the routed sub-net (majority digit per level) and the top scores."""
         body = await request.body()
         try:
@@ -241,7 +246,7 @@ def create_app(run_dir: str | Path, tokens_file: str | Path, key_path: str | Pat
             return _error(422, str(exc), exc.field)
         route = route_signature(sig)
         top = [{"route": list(r), "bundle_id": format_route_id(r), "score": s}
-               for r, s in top_routes(sig, TOP_SCORES)]
+               for r, s in top_routes(sig, top)]
         return JSONResponse({"route": list(route), "bundle_id": format_route_id(route),
                              "scores": top})
 

@@ -1,0 +1,53 @@
+"""Pick one of the top-M signature candidates on the device, by the features it gives locally.
+
+The registry's signature route is label-free and costs one download. A device that can afford
+M downloads may instead fetch the top M (every bundle verified in memory, nothing written yet),
+run each on its own images and keep the one that RankMe (no labels) or LogME / kNN (a few labels:
+a folder with one sub-folder per class) scores best; `sdr_edge.routing.rerank_eval` measures
+what that buys. Needs torch: the candidates run as PyTorch sub-nets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from sdr_edge.routing.transferability import RERANK_METHODS, score_features
+
+
+@dataclass(frozen=True)
+class RerankChoice:
+    """The index of the winning candidate, every candidate's score, and the device seconds."""
+
+    index: int
+    scores: tuple[float, ...]
+    seconds: float
+
+
+def rerank_bundles(bundles: Sequence[dict[str, bytes]], pubkey, images: np.ndarray,
+                   method: str, labels: np.ndarray | None = None,
+                   batch_size: int = 256) -> RerankChoice:
+    """Verify each bundle's files, extract features on `images` (N x H x W x C uint8 at the
+    bundles' input size) and return the best-scored one (ties: the earlier, i.e. better-routed)."""
+    from sdr_edge.artifacts.bundle import bundle_from_files
+    from sdr_edge.routing.probe import extract_features
+
+    if method not in RERANK_METHODS:
+        raise ValueError(f"unknown re-ranking method {method!r} ({', '.join(RERANK_METHODS)})")
+    if not bundles:
+        raise ValueError("no candidate bundles to re-rank")
+    t0 = time.perf_counter()
+    scores = []
+    for files in bundles:
+        bundle = bundle_from_files(files, pubkey)
+        spec = bundle.input_spec
+        if images.shape[1:] != (spec.image_size, spec.image_size, spec.channels):
+            raise ValueError(f"images are {images.shape[1:]}, the sub-net wants "
+                             f"{spec.image_size}x{spec.image_size}x{spec.channels}")
+        feats = extract_features(bundle.model.backbone, images, spec, batch_size)
+        scores.append(score_features(method, feats, labels))
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    return RerankChoice(best, tuple(scores), time.perf_counter() - t0)
