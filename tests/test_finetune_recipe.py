@@ -21,6 +21,7 @@ from sdr_edge.models.classifier import SubnetModel
 from sdr_edge.routing.evaluate import split_task
 from sdr_edge.routing.probe import extract_features, linear_probe_accuracy
 from sdr_edge.training.finetune import (
+    ROUND_LR,
     FineTuneConfig,
     fine_tune,
     make_optimizer,
@@ -184,14 +185,14 @@ def test_bad_recipe_values_are_refused_with_the_field_named(field, value, messag
 
 def test_defaults_live_once():
     assert LocalTrainConfig is FineTuneConfig
-    assert FederationConfig().lr == FineTuneConfig.lr
+    assert FederationConfig().lr == ROUND_LR  # a round's rate, one constant for the Flower path
     cfg = train_config({"local-epochs": 2})
-    assert (cfg.epochs, cfg.lr, cfg.optimizer, cfg.probe_init) == (2, FineTuneConfig.lr,
+    assert (cfg.epochs, cfg.lr, cfg.optimizer, cfg.probe_init) == (2, ROUND_LR,
                                                                    FineTuneConfig.optimizer, False)
     assert train_config({"probe-init": "true"}).probe_init
 
 
-def test_flower_app_config_uses_the_recipe_lr():
+def test_flower_app_config_uses_the_round_lr():
     pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
     app = tomllib.loads(pyproject.read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"]
-    assert app["lr"] == FineTuneConfig.lr
+    assert app["lr"] == ROUND_LR

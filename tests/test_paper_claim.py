@@ -198,3 +198,17 @@ def test_bench_minute_budget_two_seeds(tmp_path):
     for seed in (0, 1):
         pretrain_all(BUDGETS["minute"], out, seed)
     assert [p.stat().st_mtime_ns for p in manifests] == stamps
+    # ... and the evaluation of each seed: a rerun (or a parallel run of one seed) aggregates
+    # the stored rows without probing again; a different task size evaluates afresh.
+    evaluations = [p.stat().st_mtime_ns for p in sorted((out / "runs").glob("seed*/evaluation.json"))]
+    assert len(evaluations) == 2
+    assert main(["bench", "--budget", "minute", "--seed", "1", "--seeds", "1",
+                 "--out", str(out)]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["per_seed"] == results["per_seed"][1:]
+    assert [p.stat().st_mtime_ns for p in sorted((out / "runs").glob("seed*/evaluation.json"))
+            ] == evaluations
+    (out / "runs" / "seed1" / "evaluation.json").write_text("{not json")
+    assert main(["bench", "--budget", "minute", "--seed", "1", "--seeds", "1",
+                 "--out", str(out)]) == 0  # unreadable: evaluated again, not a traceback
+    assert json.loads((out / "runs" / "seed1" / "evaluation.json").read_text())["key"]["seed"] == 1

@@ -79,6 +79,26 @@ def pretrain_all(budget: Budget, out: Path, seed: int, kd_weight: float | None =
     return paths
 
 
+def seed_result_path(out: Path, seed: int) -> Path:
+    """One seed's evaluated rows: a rerun (or a parallel run of other seeds) reuses them."""
+    return run_root(out, seed) / "evaluation.json"
+
+
+def _cached_seed(out: Path, key: dict) -> dict | None:
+    """The stored evaluation of a seed when it was made with the same budget and tasks."""
+    path = seed_result_path(out, key["seed"])
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s is unreadable (%s): evaluating seed %d again", path, exc, key["seed"])
+        return None
+    if not isinstance(stored, dict) or stored.get("key") != json.loads(json.dumps(key)):
+        return None
+    return stored.get("result")
+
+
 def finetune_accuracy(backbone: Backbone, spec: InputSpec, x_tr: np.ndarray, y_tr: np.ndarray,
                       x_te: np.ndarray, y_te: np.ndarray, num_classes: int, budget: Budget,
                       seed: int) -> float:
@@ -479,12 +499,21 @@ def run(budget_name: str, out: str | Path, seed: int = 0, argv: list[str] | None
     per_seed = []
     for i, s in enumerate(range(seed, seed + seeds)):
         runs = pretrain_all(budget, out, s, kd_weight)
+        key = {"budget": budget.to_dict(), "kd_weight": kd_weight, "seed": s,
+               "tasks": [t.name for t in task_list]}
+        cached = _cached_seed(out, key)
+        if cached is not None:
+            log.info("seed %d: reusing its evaluation (%s)", s, seed_result_path(out, s))
+            per_seed.append(cached)
+            continue
         if budget.threads > 0:  # training restores torch's default; small evals want the budget's
             torch.set_num_threads(budget.threads)
         ts = time.perf_counter()
         rows = [evaluate_task(task, runs, budget, out, s, plots=i == 0) for task in task_list]
         log.info("seed %d evaluated in %.0f s", s, time.perf_counter() - ts)
         per_seed.append({"seed": s, "runs": {k: str(v) for k, v in runs.items()}, "tasks": rows})
+        atomic_write_text(seed_result_path(out, s),
+                          json.dumps({"key": key, "result": per_seed[-1]}, indent=1) + "\n")
     agg = aggregate([p["tasks"] for p in per_seed])
     verdicts = {m: verdict(agg, m) for m in SDR_MODELS}
     summary = {

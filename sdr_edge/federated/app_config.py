@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdr_edge.training.finetune import FineTuneConfig
+from sdr_edge.training.finetune import ROUND_LR
 
 STRATEGIES = ("fedavg", "fedprox")
 TOKEN_ENV = "SDR_REGISTRY_TOKEN"
@@ -38,7 +38,7 @@ class FederationConfig:
 
     num_rounds: int = 3
     local_epochs: int = 1
-    lr: float = FineTuneConfig.lr  # the fine-tune recipe's default, defined once
+    lr: float = ROUND_LR  # a round's peak rate (sdr_edge.training.finetune), defined once
     batch_size: int = 32
     fine_tune: str = "full"
     strategy: str = "fedavg"
@@ -72,7 +72,7 @@ class FederationConfig:
         cfg = cls(
             num_rounds=get("num-server-rounds", int, 3),  # type: ignore[arg-type]
             local_epochs=get("local-epochs", int, 1),  # type: ignore[arg-type]
-            lr=get("lr", float, FineTuneConfig.lr),  # type: ignore[arg-type]
+            lr=get("lr", float, ROUND_LR),  # type: ignore[arg-type]
             batch_size=get("batch-size", int, 32),  # type: ignore[arg-type]
             fine_tune=str(run_config.get("fine-tune", "full")),
             strategy=str(run_config.get("strategy", "fedavg")).lower(),

@@ -18,6 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from sdr_edge.federated.local import LocalTrainConfig, evaluate_local, train_local
 from sdr_edge.federated.node_data import NodeData, NodeDataConfig, NodeDataError, load_node_data
 from sdr_edge.federated.records import arrays_into_model, model_from_config, model_to_arrays
+from sdr_edge.training.finetune import ROUND_LR
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def train_config(config: Mapping[str, object]) -> LocalTrainConfig:
     d = LocalTrainConfig()
     return LocalTrainConfig(
         epochs=int(config.get("local-epochs", 1)),  # type: ignore[arg-type]
-        lr=float(config.get("lr", d.lr)),  # type: ignore[arg-type]
+        lr=float(config.get("lr", ROUND_LR)),  # type: ignore[arg-type]
         batch_size=int(config.get("batch-size", d.batch_size)),  # type: ignore[arg-type]
         mode=str(config.get("fine-tune", d.mode)),
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
