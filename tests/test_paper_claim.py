@@ -3,7 +3,6 @@ minute budget end to end over two seeds, checked for shape and invariants (slow)
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from dataclasses import replace
@@ -115,18 +114,6 @@ def test_task_sets(monkeypatch):
         tasks(replace(BUDGETS["minute"], task_set="nope"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sdr_edge.bench.domains") is not None,
-                    reason="sdr_edge.bench.domains exists: the missing-module message is moot")
-def test_domains_task_set_without_its_module_is_one_clear_line(tmp_path, capsys):
-    out = tmp_path / "claim"
-    assert main(["bench", "--budget", "minute", "--task-set", "domains", "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "needs sdr_edge.bench.domains.domain_tasks" in err and "Traceback" not in err
-    assert not (out / "runs").exists()  # refused before any pre-training
-
-
-@pytest.mark.skipif(importlib.util.find_spec("sdr_edge.bench.domains") is None,
-                    reason="sdr_edge.bench.domains (mixed pool tasks) is not written yet")
 def test_domains_task_set_lists_tasks():
     specs = tasks(replace(BUDGETS["minute"], task_set="domains"))
     assert specs and all(t.name and t.source for t in specs)
