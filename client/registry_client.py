@@ -151,14 +151,21 @@ def fetch_bundle(url: str, token: str, route_or_signature: Any,
     check_replaceable_dir(resolve_out(out_dir))
     with make_client(url, token, cacert) as client:
         bundle_id, route = _bundle_id(route_or_signature, client)
-        data = _download(client, f"/v1/subnets/{bundle_id}", f"GET /v1/subnets/{bundle_id}",
-                         max_bytes)
+        files = _verified_bundle(client, bundle_id, route, key, max_bytes)
+    return write_files_atomically(files, out_dir)
+
+
+def _verified_bundle(client: httpx.Client, bundle_id: str, route: tuple[int, ...],
+                     key: Ed25519PublicKey, max_bytes: int) -> dict[str, bytes]:
+    """GET one bundle, verify it in memory and check that it is the route asked for."""
+    data = _download(client, f"/v1/subnets/{bundle_id}", f"GET /v1/subnets/{bundle_id}",
+                     max_bytes)
     files = unpack_files(data)
     manifest = verify_bundle_archive(files, key)
     if tuple(manifest.get("route", ())) != route:
         raise TransferError(f"bundle refused: it is for route {manifest.get('route')}, "
                             f"requested {list(route)}")
-    return write_files_atomically(files, out_dir)
+    return files
 
 
 def fetch_candidates(url: str, token: str, signature: Any,
@@ -174,14 +181,7 @@ def fetch_candidates(url: str, token: str, signature: Any,
         for row in answer["scores"][:top_m]:
             route = tuple(int(d) for d in row["route"])
             bundle_id = "-".join(str(d) for d in route)
-            data = _download(client, f"/v1/subnets/{bundle_id}", f"GET /v1/subnets/{bundle_id}",
-                             max_bytes)
-            files = unpack_files(data)
-            manifest = verify_bundle_archive(files, key)
-            if tuple(manifest.get("route", ())) != route:
-                raise TransferError(f"bundle refused: it is for route {manifest.get('route')}, "
-                                    f"requested {list(route)}")
-            out.append((route, files))
+            out.append((route, _verified_bundle(client, bundle_id, route, key, max_bytes)))
     return out
 
 
