@@ -445,3 +445,20 @@ def test_serve_refuses_bad_header_limits(tmp_path, capsys, flag, value, message)
     assert server_main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_foreign_file_in_a_cache_folder_is_kept_and_answered_503(registry):
+    """The cache never deletes what it did not write: a note dropped into a cached bundle folder
+    stays, and the request gets a 503 naming the cause instead of a 500."""
+    route_id = "2-1-0-3"
+    url = f"{registry.url}/v1/subnets/{route_id}"
+    assert httpx.get(url, headers=registry.auth, timeout=60).status_code == 200
+    (registry.cache_dir / f"{route_id}.tar").unlink()
+    note = registry.cache_dir / route_id / "notes.txt"
+    note.write_text("mine")
+    answer = httpx.get(url, headers=registry.auth, timeout=60)
+    assert answer.status_code == 503 and "did not write" in answer.json()["detail"]
+    assert note.read_text() == "mine"
+    assert f"cannot cache sub-net {route_id}" in registry.log()
+    note.unlink()  # once the foreign file is gone the sub-net is served again
+    assert httpx.get(url, headers=registry.auth, timeout=60).status_code == 200

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from sdr_edge.artifacts.atomic import sha256_bytes, sha256_file
 from sdr_edge.artifacts.run_dir import SDRNET, load_sdrnet
 from sdr_edge.artifacts.signing import load_private_key
+from sdr_edge.artifacts.staging import OutputError
 from sdr_edge.artifacts.transfer import TAR_MEDIA_TYPE
 from sdr_edge.routing.signature import (
     SIGNATURE_FORMAT,
@@ -266,7 +267,12 @@ def create_app(run_dir: str | Path, tokens_file: str | Path, key_path: str | Pat
         data = cache.payload(route)
         if data is not None:
             return Response(data, media_type=TAR_MEDIA_TYPE, headers=headers)
-        path = await run_in_threadpool(cache.archive, route)
+        try:
+            path = await run_in_threadpool(cache.archive, route)
+        except OutputError as exc:  # the cache folder holds files the registry did not write
+            log.error("cannot cache sub-net %s: %s", bundle_id, exc)
+            return _error(503, f"the registry cannot cache sub-net {bundle_id} right now "
+                          "(its cache folder holds files it did not write; see the server log)")
         data = cache.payload(route)
         if data is not None:
             return Response(data, media_type=TAR_MEDIA_TYPE, headers=headers)
