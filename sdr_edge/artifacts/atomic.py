@@ -27,8 +27,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
-    """Call writer(tmp_path), fsync it, then rename over `path`."""
+def atomic_write(path: str | Path, writer: Callable[[Path], None],
+                 keep_previous_as: Path | None = None) -> Path:
+    """Call writer(tmp_path), fsync it, then rename over `path`. With `keep_previous_as`, an
+    existing `path` is first renamed there (both renames are atomic: a kill leaves the old file,
+    the new one, or both)."""
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         from sdr_edge.artifacts.staging import OutputError
@@ -42,6 +45,8 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
         writer(tmp_path)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        if keep_previous_as is not None and path.is_file():
+            os.replace(path, keep_previous_as)
         os.replace(tmp_path, path)
         fsync_dir(path.parent)
     except BaseException:

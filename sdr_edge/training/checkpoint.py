@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from sdr_edge.artifacts.atomic import fsync_dir
+from sdr_edge.artifacts.atomic import atomic_write
 from sdr_edge.artifacts.run_dir import CHECKPOINT_DIR
 from sdr_edge.artifacts.weights import state_to_tensors
 
@@ -114,22 +113,9 @@ def save_checkpoint(run_dir: str | Path, meta: dict[str, Any],
     meta_json = json.dumps(full_meta, sort_keys=True)
     header = {"json": meta_json, "sha256": tensor_digest(tensors, meta_json)}
     path, prev = checkpoint_path(run_dir), previous_path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{LAST}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        save_file(tensors, str(tmp), metadata=header)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if path.is_file():  # both renames are atomic: a kill leaves last, prev or both valid
-            os.replace(path, prev)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    # the old `last` becomes `prev`: a kill leaves last, prev or both valid
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header),
+                        keep_previous_as=prev)
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
