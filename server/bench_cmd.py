@@ -14,8 +14,6 @@ import argparse
 import json
 from pathlib import Path
 
-from client.cli_common import CommandError
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", default="cpu", choices=("minute", "cpu", "full"),
@@ -49,14 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sdr_edge.bench.paper_claim import run as run_bench
 
-    if args.seeds < 1:
-        raise CommandError("--seeds must be at least 1")
-    if args.random_routes is not None and args.random_routes < 0:
-        raise CommandError("--random-routes must be >= 0")
-    if args.task_limit is not None and args.task_limit < 0:
-        raise CommandError("--task-limit must be >= 0 (0: all images)")
-    if args.pool_limit is not None and args.pool_limit < 0:
-        raise CommandError("--pool-limit must be >= 0 (0: all images)")
     summary = run_bench(args.budget, args.out, args.seed, task_limit=args.task_limit,
                         kd_weight=args.kd_weight, seeds=args.seeds, pool=args.pool,
                         task_set=args.task_set, random_routes=args.random_routes,

@@ -474,6 +474,9 @@ def run(budget_name: str, out: str | Path, seed: int = 0, argv: list[str] | None
         raise ValueError(f"unknown budget {budget_name!r} ({', '.join(BUDGETS)})")
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    for flag, value in (("--task-limit", task_limit), ("--pool-limit", pool_limit)):
+        if value is not None and value < 0:
+            raise ValueError(f"{flag} must be >= 0 (0: all images), got {value}")
     budget = BUDGETS[budget_name]
     if task_limit is not None:
         budget = replace(budget, task_limit=task_limit or None)
