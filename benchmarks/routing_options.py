@@ -19,20 +19,10 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
-from scipy import stats
 
+from sdr_edge.bench.paper_claim import interval  # mean, std, 95 % t-interval
 from sdr_edge.routing.rerank_eval import OPTIONS, evaluate_rerank
-
-
-def interval(values: list[float]) -> dict:
-    """Mean, standard deviation and the half-width of the 95 % t-interval."""
-    a = np.asarray(values, dtype=float)
-    half = float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / np.sqrt(len(a))) \
-        if len(a) > 1 else float("nan")
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-            "ci95": half, "n": int(len(a))}
 
 
 def main(argv: list[str] | None = None) -> int:
