@@ -63,17 +63,6 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_replace_dir(staging: Path, final: Path) -> Path:
-    """Move a fully written staging folder to `final`, replacing only an earlier artifact of ours.
-
-    See sdr_edge.artifacts.staging: a non-empty `final` that this project did not write is
-    refused (OutputError) and nothing is deleted.
-    """
-    from sdr_edge.artifacts.staging import publish_dir
-
-    return publish_dir(Path(staging), Path(final))
-
-
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -36,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from sdr_edge.artifacts.atomic import atomic_replace_dir, sha256_file
+from sdr_edge.artifacts.atomic import sha256_file
+from sdr_edge.artifacts.staging import staged_dir
 from sdr_edge.artifacts.weights import save_tensors
 from sdr_edge.data.preprocess import InputSpec, normalize_batch
 from sdr_edge.routing.signature import check_run_id_format, run_id_of
@@ -214,9 +213,7 @@ def write_kit(net: SignatureKitNet, spec: InputSpec, out_dir: str | Path,
     """
     out_dir = Path(out_dir)
     run_id = check_run_id_format(run_id if run_id is not None else run_id_of(out_dir.parent))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as staging:  # refuses a foreign out_dir; publishes atomically
         staging.chmod(0o755)  # mkdtemp makes it private; the kit is public material
         arch = net.arch_dict(spec.channels)
         save_tensors(staging / KIT_WEIGHTS, net.state_dict(),
@@ -240,7 +237,4 @@ def write_kit(net: SignatureKitNet, spec: InputSpec, out_dir: str | Path,
             "files": {name: sha256_file(staging / name) for name in (KIT_WEIGHTS, KIT_ONNX)},
         }
         (staging / KIT_JSON).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        return atomic_replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return out_dir
