@@ -1,115 +1,160 @@
-"""The training config: TOML tables parsed into frozen dataclasses, validated with clear errors.
+"""The training config: TOML tables validated into frozen pydantic models, with clear errors.
 
-Every table and key has a default, so a config file only says what differs. Unknown tables or
-keys are errors (a typo must not silently train with a default). The resolved config is written
-to RUN_DIR/config.toml, which makes a run directory self-describing and lets a rerun detect
-that it would resume a different run.
+Every table and key has a default (written once, on its field), so a config file only says what
+differs. Unknown tables or keys are errors (a typo must not silently train with a default), and
+values are strict: TOML has types, so `amp = 1` or `batch_size = "big"` is a mistake, not
+something to coerce. Every error is one line naming the file, the table and the key. The resolved
+config is written to RUN_DIR/config.toml, which makes a run directory self-describing and lets a
+rerun detect that it would resume a different run.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sdr_edge.data.augment import AugmentConfig
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.models.resnet import BackboneConfig
 from sdr_edge.models.sdrnet import default_level_stages
 
 
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message names the table and key."""
+class ConfigError(SdrEdgeError, ValueError):
+    """A config file that cannot be used; each line names the table and key."""
 
 
-@dataclass(frozen=True)
-class DataConfig:
+# TOML arrays arrive as lists: the tuple itself is lax (list -> tuple), its items stay strict.
+IntTuple = Annotated[tuple[int, ...], Field(strict=False)]
+
+
+class _Section(BaseModel):
+    """Strict, frozen, closed: what every table of the config shares."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
     """Which images and at what size; `val_fraction` is held out for the kNN monitor."""
 
     source: str = ""
-    image_size: int = 28
+    image_size: int = Field(default=28, ge=8)
     channels: int = 1
-    limit: int | None = None
-    val_fraction: float = 0.1
+    limit: int | None = Field(default=None, gt=0)
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=0.9)
+
+    @field_validator("channels")
+    @classmethod
+    def _gray_or_rgb(cls, v: int) -> int:
+        if v not in (1, 3):
+            raise ValueError(f"must be 1 or 3, got {v}")
+        return v
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     """A backbone preset with optional overrides of its shape."""
 
     preset: str = "small"
-    widths: tuple[int, ...] | None = None
-    blocks: tuple[int, ...] | None = None
+    widths: IntTuple | None = None
+    blocks: IntTuple | None = None
     stem_width: int | None = None
 
 
-@dataclass(frozen=True)
-class RoutingConfig:
+class RoutingConfig(_Section):
     """Experts per level (K = product) and which stage serves each level."""
 
-    branching: tuple[int, ...] = (4, 4, 4, 4)
-    level_stages: tuple[int, ...] | None = None
+    branching: IntTuple = (4, 4, 4, 4)
+    level_stages: IntTuple | None = None
+
+    @field_validator("branching")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or not all(b >= 1 for b in v):
+            raise ValueError(f"must be a non-empty list of positive integers, got {list(v)}")
+        return v
+
+    @field_validator("level_stages")
+    @classmethod
+    def _distinct(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"must not repeat a stage, got {list(v)}")
+        return v
 
 
-@dataclass(frozen=True)
-class SSLConfig:
+class SSLConfig(_Section):
     """SimSiam heads and optimiser; `batch_size` is global (split across DDP ranks)."""
 
-    proj_dim: int = 256
-    pred_hidden: int = 64
-    batch_size: int = 256
-    lr: float = 0.05
+    proj_dim: int = Field(default=256, ge=2)
+    pred_hidden: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=256, ge=2)
+    lr: float = Field(default=0.05, gt=0.0)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     kd_weight: float = 0.5
 
+    @field_validator("kd_weight")
+    @classmethod
+    def _unit(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"must lie in [0, 1], got {v}")
+        return v
 
-@dataclass(frozen=True)
-class ScheduleConfig:
+
+class ScheduleConfig(_Section):
     """Epochs of phase 0 (unified SimSiam) and of each progressive routing level."""
 
-    phase0_epochs: int = 10
-    level_epochs: tuple[int, ...] = (2, 2, 2, 2)
+    phase0_epochs: int = Field(default=10, ge=1)
+    level_epochs: IntTuple = (2, 2, 2, 2)
+
+    @field_validator("level_epochs")
+    @classmethod
+    def _non_negative(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not all(e >= 0 for e in v):
+            raise ValueError(f"must be >= 0, got {list(v)}")
+        return v
 
 
-@dataclass(frozen=True)
-class ClusterConfig:
-    """Residual k-means backend ('auto', 'faiss' or 'sklearn'), iterations, and how many
-    points fit each level's centroids (None: all; every point is still assigned)."""
+class ClusterConfig(_Section):
+    """Residual k-means backend, iterations, and how many points fit each level's centroids
+    (None: all; every point is still assigned)."""
 
-    backend: str = "auto"
-    iters: int = 25
+    backend: Literal["auto", "faiss", "sklearn"] = "auto"
+    iters: int = Field(default=25, ge=1)
     sample: int | None = None
 
 
-@dataclass(frozen=True)
-class KitConfig:
+class KitConfig(_Section):
     """Epochs of the signature kit's distillation."""
 
-    epochs: int = 5
+    epochs: int = Field(default=5, ge=0)
 
 
-@dataclass(frozen=True)
-class AugmentSection:
+class AugmentSection(_Section):
     """SimSiam view strengths: crop area range, horizontal flips (off for digits or text),
     brightness/contrast jitter and the chance of a blur."""
 
     crop_min: float = 0.3
     crop_max: float = 1.0
     flip: bool = True
-    jitter: float = 0.4
-    blur_p: float = 0.5
+    jitter: float = Field(default=0.4, ge=0.0, lt=1.0)
+    blur_p: float = Field(default=0.5, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _crop_range(self) -> AugmentSection:
+        if not 0.0 < self.crop_min <= self.crop_max <= 1.0:
+            raise ValueError(f"need 0 < crop_min <= crop_max <= 1, got {self.crop_min}, "
+                             f"{self.crop_max}")
+        return self
 
     def to_augment_config(self) -> AugmentConfig:
         return AugmentConfig(crop_scale=(self.crop_min, self.crop_max), flip=self.flip,
                              brightness=self.jitter, contrast=self.jitter, blur_p=self.blur_p)
 
 
-@dataclass(frozen=True)
-class TrainSection:
+class TrainSection(_Section):
     """Seed, device, CPU threads, and how often the kNN monitor runs (0: never).
 
     `threads` sets torch's intra-op threads (0 keeps torch's default). Small models on a shared
@@ -118,26 +163,48 @@ class TrainSection:
     """
 
     seed: int = 0
-    device: str = "auto"
-    threads: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(default=0, ge=0)
     amp: bool = False
-    knn_every: int = 1
-    knn_max: int = 20000
+    knn_every: int = Field(default=1, ge=0)
+    knn_max: int = Field(default=20000, ge=1)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     """The whole resolved config of one `sdr-server train` run."""
 
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    routing: RoutingConfig = field(default_factory=RoutingConfig)
-    ssl: SSLConfig = field(default_factory=SSLConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    kit: KitConfig = field(default_factory=KitConfig)
-    train: TrainSection = field(default_factory=TrainSection)
-    augment: AugmentSection = field(default_factory=AugmentSection)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    ssl: SSLConfig = Field(default_factory=SSLConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    kit: KitConfig = Field(default_factory=KitConfig)
+    train: TrainSection = Field(default_factory=TrainSection)
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+
+    @model_validator(mode="after")
+    def _cross_table(self) -> TrainConfig:
+        """Checks that span tables; each message names the table and key it is about."""
+        r, sc = self.routing, self.schedule
+        if len(sc.level_epochs) != len(r.branching):
+            raise ValueError(f"[schedule] level_epochs needs one entry per routing level "
+                             f"({len(r.branching)}), got {list(sc.level_epochs)}")
+        if self.cluster.sample is not None and self.cluster.sample < max(r.branching):
+            raise ValueError(f"[cluster] sample must be at least the largest branching "
+                             f"({max(r.branching)}), got {self.cluster.sample}")
+        stages = self.backbone_config().num_stages
+        if r.level_stages is not None:
+            if len(r.level_stages) != len(r.branching):
+                raise ValueError(f"[routing] level_stages needs one stage per level "
+                                 f"({len(r.branching)}), got {list(r.level_stages)}")
+            if not all(0 <= v < stages for v in r.level_stages):
+                raise ValueError(f"[routing] level_stages must lie in 0..{stages - 1}, got "
+                                 f"{list(r.level_stages)}")
+        elif len(r.branching) > stages:
+            raise ValueError(f"[routing] {len(r.branching)} levels need at least as many "
+                             f"backbone stages (the model has {stages})")
+        return self
 
     def backbone_config(self) -> BackboneConfig:
         overrides = {k: v for k, v in (("widths", self.model.widths), ("blocks", self.model.blocks),
@@ -165,123 +232,60 @@ class TrainConfig:
         return self.schedule.phase0_epochs + sum(self.schedule.level_epochs)
 
     def to_dict(self) -> dict[str, Any]:
-        """TOML-ready dict (None values dropped: TOML has no null)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            table = dataclasses.asdict(getattr(self, f.name))
-            out[f.name] = {k: list(v) if isinstance(v, tuple) else v
-                           for k, v in table.items() if v is not None}
-        return out
+        """TOML-ready dict: tuples as lists, None values dropped (TOML has no null)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> TrainConfig:
+        """A validated copy with `overrides` (table -> key -> value) applied; None values are
+        skipped (an unset CLI flag). Unlike model_copy(update=...), the result is checked."""
+        raw = self.to_dict()
+        for table, values in overrides.items():
+            raw.setdefault(table, {}).update({k: v for k, v in values.items() if v is not None})
+        return config_from_dict(raw)
 
 
-_TABLE_TYPES = {
-    "data": DataConfig, "model": ModelConfig, "routing": RoutingConfig, "ssl": SSLConfig,
-    "schedule": ScheduleConfig, "cluster": ClusterConfig, "kit": KitConfig, "train": TrainSection,
-    "augment": AugmentSection,
+_CHECKS = {
+    "int_type": "must be an integer", "float_type": "must be a number",
+    "bool_type": "must be true or false", "string_type": "must be a string",
+    "tuple_type": "must be a list of integers", "model_type": "must be a table",
+    "model_attributes_type": "must be a table",
 }  # fmt: skip
 
 
-def _coerce(table: str, key: str, value: Any, annotation: str) -> Any:
-    """Check one value against its field's type, naming `[table] key` when it is wrong."""
-    where = f"[{table}] {key}"
-    if "tuple" in annotation:
-        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                  for v in value):
-            raise ConfigError(f"{where} must be a list of integers, got {value!r}")
-        return tuple(value)
-    if "float" in annotation:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if "int" in annotation:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if annotation == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if "str" in annotation:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    return value
+def _where(loc: tuple[int | str, ...]) -> str:
+    """`[table] key[2]` for a pydantic error location."""
+    if not loc:
+        return ""
+    text = f"[{loc[0]}]"
+    if len(loc) > 1:
+        text += f" {loc[1]}" + "".join(f"[{i}]" for i in loc[2:])
+    return text
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One pydantic error as one line that names `[table] key`."""
+    loc, kind, msg = tuple(error["loc"]), error["type"], error["msg"]
+    where = _where(loc)
+    if kind == "extra_forbidden":
+        if len(loc) == 1:
+            return f"unknown table [{loc[0]}] (known: {', '.join(TrainConfig.model_fields)})"
+        section = TrainConfig.model_fields[str(loc[0])].annotation
+        known = ", ".join(getattr(section, "model_fields", {}))
+        return f"unknown key {loc[-1]!r} in [{loc[0]}] (known: {known})"
+    if kind in _CHECKS:
+        return f"{where} {_CHECKS[kind]}, got {error['input']!r}"
+    if kind == "value_error":
+        msg = str(error["ctx"]["error"]) if "ctx" in error else msg.removeprefix("Value error, ")
+        return f"{where} {msg}" if where else msg
+    return f"{where}: {msg}" if where else msg
 
 
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
-    """Build and validate a TrainConfig from parsed TOML."""
-    tables = {}
-    for name, value in raw.items():
-        if name not in _TABLE_TYPES:
-            raise ConfigError(f"unknown table [{name}] (known: {', '.join(_TABLE_TYPES)})")
-        if not isinstance(value, dict):
-            raise ConfigError(f"[{name}] must be a table")
-        cls = _TABLE_TYPES[name]
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, v in value.items():
-            if key not in fields:
-                raise ConfigError(f"unknown key {key!r} in [{name}] (known: {', '.join(fields)})")
-            f = fields[key]
-            kwargs[key] = _coerce(name, key, v, str(f.type))
-        tables[name] = cls(**kwargs)
-    cfg = TrainConfig(**tables)
-    validate(cfg)
-    return cfg
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Cross-field checks: sizes positive, one epoch count per level, stages in range."""
-    d, s, sc, r = cfg.data, cfg.ssl, cfg.schedule, cfg.routing
-    _check(d.image_size >= 8, f"[data] image_size must be >= 8, got {d.image_size}")
-    _check(d.channels in (1, 3), f"[data] channels must be 1 or 3, got {d.channels}")
-    _check(d.limit is None or d.limit > 0, f"[data] limit must be positive, got {d.limit}")
-    _check(0.0 <= d.val_fraction < 0.9, f"[data] val_fraction must lie in [0, 0.9), got "
-                                        f"{d.val_fraction}")
-    _check(len(r.branching) >= 1 and all(b >= 1 for b in r.branching),
-           f"[routing] branching must be a non-empty list of positive integers, got {r.branching}")
-    _check(len(sc.level_epochs) == len(r.branching),
-           f"[schedule] level_epochs needs one entry per routing level ({len(r.branching)}), "
-           f"got {list(sc.level_epochs)}")
-    _check(sc.phase0_epochs >= 1, f"[schedule] phase0_epochs must be >= 1, got {sc.phase0_epochs}")
-    _check(all(e >= 0 for e in sc.level_epochs), "[schedule] level_epochs must be >= 0")
-    _check(s.batch_size >= 2, f"[ssl] batch_size must be >= 2, got {s.batch_size}")
-    _check(s.lr > 0, f"[ssl] lr must be positive, got {s.lr}")
-    _check(0.0 <= s.kd_weight <= 1.0, f"[ssl] kd_weight must lie in [0, 1], got {s.kd_weight}")
-    _check(s.proj_dim >= 2 and s.pred_hidden >= 1, "[ssl] proj_dim and pred_hidden must be positive")
-    _check(cfg.cluster.backend in ("auto", "faiss", "sklearn"),
-           f"[cluster] backend must be auto, faiss or sklearn, got {cfg.cluster.backend!r}")
-    _check(cfg.cluster.iters >= 1, "[cluster] iters must be >= 1")
-    _check(cfg.cluster.sample is None or cfg.cluster.sample >= max(r.branching),
-           "[cluster] sample must be at least the largest branching")
-    _check(cfg.kit.epochs >= 0, "[kit] epochs must be >= 0")
-    _check(cfg.train.device in ("auto", "cpu", "cuda"),
-           f"[train] device must be auto, cpu or cuda, got {cfg.train.device!r}")
-    _check(cfg.train.knn_every >= 0, "[train] knn_every must be >= 0")
-    _check(cfg.train.threads >= 0, "[train] threads must be >= 0")
-    a = cfg.augment
-    _check(0.0 < a.crop_min <= a.crop_max <= 1.0,
-           f"[augment] need 0 < crop_min <= crop_max <= 1, got {a.crop_min}, {a.crop_max}")
-    _check(0.0 <= a.jitter < 1.0, f"[augment] jitter must lie in [0, 1), got {a.jitter}")
-    _check(0.0 <= a.blur_p <= 1.0, f"[augment] blur_p must lie in [0, 1], got {a.blur_p}")
-    _check(cfg.train.knn_max >= 1, "[train] knn_max must be >= 1")
-    bb = cfg.backbone_config()
-    if r.level_stages is not None:
-        _check(len(r.level_stages) == len(r.branching),
-               f"[routing] level_stages needs one stage per level, got {list(r.level_stages)}")
-        _check(len(set(r.level_stages)) == len(r.level_stages),
-               "[routing] level_stages must not repeat a stage")
-        _check(all(0 <= v < bb.num_stages for v in r.level_stages),
-               f"[routing] level_stages must lie in 0..{bb.num_stages - 1}")
-    else:
-        _check(len(r.branching) <= bb.num_stages,
-               f"[routing] {len(r.branching)} levels need at least as many backbone stages "
-               f"(the model has {bb.num_stages})")
+    """Build and validate a TrainConfig from parsed TOML; every problem is one line."""
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_describe(e) for e in exc.errors())) from None
 
 
 def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> TrainConfig:
@@ -302,11 +306,13 @@ def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = 
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     for table, values in (overrides or {}).items():
-        raw.setdefault(table, {}).update({k: v for k, v in values.items() if v is not None})
+        section = raw.setdefault(table, {})
+        if isinstance(section, dict):  # a non-table is reported by validation below
+            section.update({k: v for k, v in values.items() if v is not None})
     try:
         return config_from_dict(raw)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError("\n".join(f"{path}: {line}" for line in str(exc).splitlines())) from None
 
 
 def dump_config(cfg: TrainConfig) -> str:

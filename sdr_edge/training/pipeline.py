@@ -17,7 +17,7 @@ import importlib.util
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -548,7 +548,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, unified: bool = False,
           source: str | None = None, restart: bool = False) -> TrainResult:
     """Set up (distributed) devices, run or resume the training, tear down."""
     if source:
-        cfg = replace(cfg, data=replace(cfg.data, source=source))
+        cfg = cfg.with_overrides({"data": {"source": source}})
     threads = torch.get_num_threads()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
