@@ -71,6 +71,23 @@ def test_missing_or_invalid_toml(tmp_path):
         load_config(tmp_path / "x.toml")
 
 
+def test_config_errors_name_file_and_key_on_each_line(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[train]\nknn_max = 0\n[data]\nchannels = true\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).splitlines() == [
+        f"{path}: [data] channels must be an integer, got True",
+        f"{path}: [train] knn_max: Input should be greater than or equal to 1"]
+    cfg = load_config(TINY, {"train": {"seed": 7, "device": None}})
+    assert cfg.train.seed == 7 and cfg.train.device == "auto"
+    assert cfg.with_overrides({"data": {"source": "x"}}).data.source == "x"
+    with pytest.raises(ConfigError, match=r"\[ssl\] lr: Input should be greater than 0"):
+        cfg.with_overrides({"ssl": {"lr": 0.0}})  # a copy is validated, unlike model_copy
+    with pytest.raises(ValueError):
+        cfg.train.seed = 1  # frozen: a resolved config is what config.toml records
+
+
 # ----- building blocks -------------------------------------------------------------------
 
 def test_checkpoint_round_trips_module_and_optimizer_state(tmp_path):
