@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint env clean
+.PHONY: demo test lint env clean device-check
 
 env: $(STAMP)
 
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -e ".[all,dev]"  # all extras; a device needs only pip install .
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# A device install in a fresh venv (core dependencies only, no torch) runs signature, fetch and
+# infer against a real registry: tests/test_device_install.py (also part of `make test`).
+device-check: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_device_install.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

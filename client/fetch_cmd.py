@@ -141,8 +141,7 @@ def _run_rerank(args: argparse.Namespace, token: str, pubkey) -> int:
     try:
         from sdr_edge.routing.device_rerank import rerank_bundles
     except ImportError as exc:  # a torch-free device install
-        raise CommandError(f"--rerank runs the candidates with PyTorch ({exc}); install "
-                           "torch or fetch the signature route without --rerank") from exc
+        raise CommandError(f"{exc} (or fetch the signature route without --rerank)") from exc
     signature = _load_signature(args.signature)
     try:
         candidates = fetch_candidates(args.server, token, signature, pubkey, args.top_m,

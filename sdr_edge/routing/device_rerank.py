@@ -4,11 +4,14 @@ The registry's signature route is label-free and costs one download. A device th
 M downloads may instead fetch the top M (every bundle verified in memory, nothing written yet),
 run each on its own images and keep the one that RankMe (no labels) or LogME / kNN (a few labels:
 a folder with one sub-folder per class) scores best; `sdr_edge.routing.rerank_eval` measures
-what that buys. Needs torch: the candidates run as PyTorch sub-nets.
+what that buys. Needs torch: the candidates run as PyTorch sub-nets, which a device install
+(`pip install sdr-edge`, ONNX Runtime only) lacks; importing this module there raises an
+ImportError that names the extra to install (`RERANK_EXTRA`), before anything is downloaded.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +19,28 @@ from dataclasses import dataclass
 import numpy as np
 
 from sdr_edge.routing.transferability import RERANK_METHODS, score_features
+
+RERANK_EXTRA = "sdr-edge[rerank]"
+# What running and scoring a candidate imports beyond a device install (bundle loading,
+# safetensors weights, feature extraction with torch, sklearn-based probes).
+RERANK_MODULES = ("torch", "safetensors", "sklearn", "threadpoolctl")
+
+
+def missing_rerank_modules() -> list[str]:
+    """The modules re-ranking needs that this interpreter cannot import."""
+    def missing(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except (ImportError, ValueError):  # a finder refused it, or a broken stub module
+            return True
+
+    return [name for name in RERANK_MODULES if missing(name)]
+
+
+if _missing := missing_rerank_modules():  # fail at import, not after M downloads
+    raise ImportError(f"--rerank runs the candidates with PyTorch and needs "
+                      f"{', '.join(_missing)} (not in a device install): "
+                      f"pip install '{RERANK_EXTRA}'")
 
 
 @dataclass(frozen=True)
