@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdr_edge.artifacts.atomic import atomic_write_text
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.federated.deployment import free_port, kv_config
 
 log = logging.getLogger("sdr_edge.agent")
@@ -30,10 +31,9 @@ log = logging.getLogger("sdr_edge.agent")
 STATE_FILE = "agent-state.json"
 STATE_FORMAT = "sdr-agent-state"
 STEPS = ("kit", "signature", "subnet", "federation")
-TOKEN_ENV = "SDR_REGISTRY_TOKEN"
 
 
-class AgentError(RuntimeError):
+class AgentError(SdrEdgeError, RuntimeError):
     """A step cannot complete; the message says which and why."""
 
 
@@ -108,15 +108,12 @@ class AgentConfig:
         return cfg
 
     def registry_token(self) -> str:
-        if self.token:
-            return self.token
-        if self.token_file is not None:
-            if not self.token_file.is_file():
-                raise AgentError(f"registry.token_file {self.token_file} does not exist")
-            return self.token_file.read_text(encoding="utf-8").strip()
-        if os.environ.get(TOKEN_ENV):
-            return os.environ[TOKEN_ENV]
-        raise AgentError(f"no registry token: set registry.token_file or ${TOKEN_ENV}")
+        """registry.token, else registry.token_file, else $SDR_REGISTRY_TOKEN (one rule)."""
+        from sdr_edge.registry_client import TOKEN_ENV, resolve_token
+
+        return resolve_token(self.token, self.token_file, file_label="registry.token_file",
+                             hint="set registry.token_file (or registry.token) in the agent "
+                                  f"config, or ${TOKEN_ENV}")
 
     @property
     def kit_dir(self) -> Path:
@@ -258,7 +255,7 @@ class Agent:
         return _fingerprint(self.cfg.registry_url, _file_digest(self.cfg.pubkey))
 
     def _fetch_kit(self) -> dict:
-        from client.registry_client import get_kit
+        from sdr_edge.registry_client import get_kit
 
         path = get_kit(self.cfg.registry_url, self.cfg.registry_token(), self.cfg.pubkey,
                        self.cfg.kit_dir, cacert=self.cfg.cacert)
@@ -319,7 +316,7 @@ class Agent:
             "signature_sha256"), _file_digest(self.cfg.pubkey))
 
     def _fetch_subnet(self) -> dict:
-        from client.registry_client import fetch_bundle
+        from sdr_edge.registry_client import fetch_bundle
 
         sig = self.cfg.signature_path.read_text(encoding="utf-8")
         path = fetch_bundle(self.cfg.registry_url, self.cfg.registry_token(), sig, self.cfg.pubkey,

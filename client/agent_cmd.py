@@ -13,7 +13,7 @@ import logging
 import signal
 from pathlib import Path
 
-from client.cli_common import CommandError
+from sdr_edge.cli import CommandError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def _raise_on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler s
 
 def run(args: argparse.Namespace) -> int:
     from client.agent import Agent, AgentConfig, AgentError
-    from client.registry_client import RegistryError
+    from sdr_edge.registry_client import RegistryError
 
     logging.getLogger("sdr_edge").setLevel(logging.INFO)
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)  # stop cleanly on SIGTERM too

@@ -3,8 +3,9 @@
 The bundle's Ed25519 signature and every sha256 are checked in memory; only then is it
 written to a staging folder swapped in at --out. A tampered or unsigned bundle is refused and
 nothing is left in --out. --out must be a new or empty folder or an earlier bundle/kit: a
-folder holding anything else is refused, never replaced. The token may come from --token, --token-file or $SDR_REGISTRY_TOKEN
-(the latter two keep it out of the process list).
+folder holding anything else is refused, never replaced. The token is the first of --token,
+--token-file, $SDR_REGISTRY_TOKEN that is given (the latter two keep it out of the process
+list; `sdr_edge.registry_client.resolve_token`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 
-from client.cli_common import CommandError, load_key_arg
-
-TOKEN_ENV = "SDR_REGISTRY_TOKEN"
+from sdr_edge.cli import CommandError, load_key_arg
+from sdr_edge.registry_client import TOKEN_ENV
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,22 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rerank.add_argument("--images", type=Path, help="local images (class sub-folders for labels)")
 
 
-def resolve_token(token: str | None, token_file: Path | None) -> str:
-    """The token from the flag, the file or the environment, in that order."""
-    if token:
-        return token
-    if token_file is not None:
-        if not token_file.is_file():
-            raise CommandError(f"--token-file {token_file} does not exist")
-        text = token_file.read_text(encoding="utf-8").strip()
-        if text:
-            return text
-        raise CommandError(f"--token-file {token_file} is empty")
-    if os.environ.get(TOKEN_ENV):
-        return os.environ[TOKEN_ENV]
-    raise CommandError(f"no token: pass --token, --token-file or set ${TOKEN_ENV}")
-
-
 def _load_signature(path: Path) -> dict:
     from sdr_edge.routing.signature import SignatureValidationError, validate_signature
 
@@ -73,13 +56,14 @@ def _load_signature(path: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from client.registry_client import RegistryError, fetch_bundle, get_kit
     from sdr_edge.artifacts.staging import OutputError, check_replaceable_dir, resolve_out
     from sdr_edge.artifacts.transfer import TransferError
+    from sdr_edge.registry_client import RegistryError, fetch_bundle, get_kit, resolve_token
 
     if not getattr(args, "verbose", False):
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    token = resolve_token(args.token, args.token_file)
+    token = resolve_token(args.token, args.token_file, file_label="--token-file",
+                          hint=f"pass --token or --token-file, or set ${TOKEN_ENV}")
     pubkey = load_key_arg(args.pubkey, "--pubkey")
     try:  # refuse a folder we did not write before downloading anything
         check_replaceable_dir(resolve_out(args.out))
@@ -128,9 +112,9 @@ def _local_images(folder: Path, size: int, channels: int, needs_labels: bool):
 
 def _run_rerank(args: argparse.Namespace, token: str, pubkey) -> int:
     """--rerank: top-M candidates verified in memory, scored on local images, one kept."""
-    from client.registry_client import RegistryError, fetch_candidates
     from sdr_edge.artifacts.staging import OutputError
     from sdr_edge.artifacts.transfer import TransferError, write_files_atomically
+    from sdr_edge.registry_client import RegistryError, fetch_candidates
 
     if not args.signature:
         raise CommandError("--rerank needs --signature (a route or the kit has nothing to rank)")

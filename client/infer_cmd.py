@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from client.cli_common import CommandError
+from sdr_edge.cli import CommandError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

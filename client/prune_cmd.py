@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from client.cli_common import CommandError, load_key_arg
+from sdr_edge.cli import CommandError, load_key_arg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

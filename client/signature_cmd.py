@@ -20,7 +20,7 @@ import math
 import sys
 from pathlib import Path
 
-from client.cli_common import CommandError, load_key_arg
+from sdr_edge.cli import CommandError, load_key_arg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

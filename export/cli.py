@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from client.cli_common import run_cli
+from sdr_edge.cli import run_cli
 
 COMMANDS = {
     "onnx": "export.onnx_cmd",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from client.cli_common import CommandError, load_key_arg
+from sdr_edge.cli import CommandError, load_key_arg
 
 
 def _batch(value: str) -> int | None:

@@ -43,6 +43,7 @@ from sdr_edge.artifacts.bundle import (
 )
 from sdr_edge.artifacts.staging import OutputError, check_replaceable_dir, resolve_out, staged_dir
 from sdr_edge.data.preprocess import InputSpec
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.models.classifier import SubnetModel
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ PARENT_MANIFEST = "parent_manifest.json"
 PARENT_SIGNATURE = "parent_manifest.sig"
 
 
-class PruningError(ValueError):
+class PruningError(SdrEdgeError, ValueError):
     """The MACs target cannot be met, or the pruned bundle does not load back exactly."""
 
 

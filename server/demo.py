@@ -22,6 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.federated.deployment import ProcessGroup
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ BIN = Path(sys.executable).parent
 CLIENTS = ("client-a", "client-b")
 
 
-class DemoError(RuntimeError):
+class DemoError(SdrEdgeError, RuntimeError):
     """A demo step failed; the message names the step and where its log is."""
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from sdr_edge.artifacts.bundle import load_bundle
 from sdr_edge.artifacts.signing import load_public_key
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.federated.deployment import Fleet, FleetError
 
 
-class FederationFailed(RuntimeError):
+class FederationFailed(SdrEdgeError, RuntimeError):
     """The Flower run did not complete; the message carries the processes' logs."""
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from client.cli_common import CommandError
+from sdr_edge.cli import CommandError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from client.cli_common import CommandError
+from sdr_edge.cli import CommandError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

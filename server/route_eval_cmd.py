@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from client.cli_common import CommandError
+from sdr_edge.cli import CommandError
 
 RESULT_JSON = "route_eval.json"
 RESULT_PNG = "route_eval.png"

@@ -11,7 +11,7 @@ import argparse
 import os
 from pathlib import Path
 
-from client.cli_common import CommandError
+from sdr_edge.cli import CommandError
 from server.registry.limits import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS
 
 

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from client.cli_common import CommandError
+from sdr_edge.cli import CommandError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,13 +20,13 @@ from helpers_registry import make_credentials, serve_registry
 from helpers_rundir import TINY_BRANCHING, TINY_SPEC, shared_tiny_run
 
 from client.cli import main as client_main
-from client.registry_client import RegistryError, fetch_bundle, get_kit, post_route
 from sdr_edge.artifacts import bundle as bundle_mod
 from sdr_edge.artifacts import transfer
 from sdr_edge.artifacts.bundle import load_bundle
 from sdr_edge.artifacts.run_dir import load_sdrnet
 from sdr_edge.artifacts.signing import load_public_key
 from sdr_edge.artifacts.transfer import TransferError, pack_files, unpack_files
+from sdr_edge.registry_client import RegistryError, fetch_bundle, get_kit, post_route
 from sdr_edge.routing.signature import route_signature, run_id_of
 from server.cli import main as server_main
 

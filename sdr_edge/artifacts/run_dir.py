@@ -30,6 +30,7 @@ import torch
 from sdr_edge.artifacts.atomic import atomic_write_text, sha256_file
 from sdr_edge.artifacts.weights import load_tensors, save_tensors
 from sdr_edge.data.preprocess import InputSpec
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.models.resnet import Backbone, BackboneConfig
 from sdr_edge.models.sdrnet import SDRnet
 
@@ -48,7 +49,7 @@ RUN_ENTRIES = frozenset({CONFIG, METRICS, TEACHER, CODEBOOKS, CODES, SDRNET, KIT
 TMP_SUFFIX = ".tmp"
 
 
-class RunDirError(ValueError):
+class RunDirError(SdrEdgeError, ValueError):
     """A run directory is missing a file or does not match its manifest."""
 
 

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from sdr_edge.artifacts.atomic import sha256_bytes
 from sdr_edge.artifacts.signing import SignatureError, verify
+from sdr_edge.errors import SdrEdgeError
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -34,7 +35,7 @@ MAX_ARCHIVE_BYTES = 2 << 30
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class BundleError(ValueError):
+class BundleError(SdrEdgeError, ValueError):
     """A bundle or kit is incomplete, tampered with, unsafe or of an unknown format."""
 
 

@@ -10,9 +10,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sdr_edge.artifacts.atomic import atomic_write_bytes
+from sdr_edge.errors import SdrEdgeError
 
 
-class SignatureError(ValueError):
+class SignatureError(SdrEdgeError, ValueError):
     """A manifest signature is missing, malformed or does not verify."""
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from sdr_edge.artifacts.atomic import fsync_dir, sha256_file
 from sdr_edge.artifacts.signed import BUNDLE_FORMAT, KIT_FORMAT, MANIFEST, SIGNATURE, is_plain_name
+from sdr_edge.errors import SdrEdgeError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
-class OutputError(ValueError):
+class OutputError(SdrEdgeError, ValueError):
     """An output path holds something this command did not write (or cannot be used)."""
 
 

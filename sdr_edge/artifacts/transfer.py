@@ -31,11 +31,12 @@ from sdr_edge.artifacts.signed import (  # noqa: F401 - re-exported (torch-free 
 )
 from sdr_edge.artifacts.signing import sign
 from sdr_edge.artifacts.staging import resolve_out, staged_dir
+from sdr_edge.errors import SdrEdgeError
 
 TAR_MEDIA_TYPE = "application/x-tar"
 
 
-class TransferError(ValueError):
+class TransferError(SdrEdgeError, ValueError):
     """An archive is malformed, unsafe, unsigned or does not verify."""
 
 

@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sdr_edge.errors import SdrEdgeError
+
 BACKENDS = ("auto", "faiss", "sklearn")
 SEED_SAMPLE = 20000  # points the k-means++ seeding looks at
 _CHUNK = 65536  # rows per block in the distance computation: bounds memory at ~D*4*CHUNK bytes
 
 
-class ClusteringError(ValueError):
+class ClusteringError(SdrEdgeError, ValueError):
     """The embeddings or the branching cannot be clustered as asked."""
 
 

@@ -12,10 +12,15 @@ import cv2
 import numpy as np
 
 from sdr_edge.data.preprocess import prepare_uint8
+from sdr_edge.errors import SdrEdgeError
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+class SourceError(SdrEdgeError, ValueError):
+    """A data source is malformed, unknown or holds no usable image (one line for the user)."""
 
 
 @dataclass
@@ -83,7 +88,7 @@ def scan_folder(root: str | Path, size: int, channels: int) -> FolderScan:
     if skipped:
         log.warning("skipped %d unreadable image(s) under %s", len(skipped), root)
     if not images:
-        raise ValueError(f"no readable image under {root} ({len(skipped)} unreadable file(s))")
+        raise SourceError(f"no readable image under {root} ({len(skipped)} unreadable file(s))")
     rel = [p.relative_to(root).parts for p in kept]
     labels, names = None, ()
     if all(len(parts) >= 2 for parts in rel):

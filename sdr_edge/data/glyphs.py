@@ -41,6 +41,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from sdr_edge.data.folder import SourceError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts")
@@ -172,9 +174,9 @@ def fonts_for(script: str, font_set: str = "pool",
               dirs: tuple[str, ...] | None = None) -> dict[str, list[str]]:
     """Family -> font files serving `script` in `font_set`; a clear error naming the package."""
     if script not in SCRIPTS:
-        raise ValueError(f"unknown glyph script {script!r} (known: {', '.join(SCRIPTS)})")
+        raise SourceError(f"unknown glyph script {script!r} (known: {', '.join(SCRIPTS)})")
     if font_set not in FONT_SETS:
-        raise ValueError(f"unknown glyph font set {font_set!r} (use {', '.join(FONT_SETS)})")
+        raise SourceError(f"unknown glyph font set {font_set!r} (use {', '.join(FONT_SETS)})")
     dirs = font_dirs() if dirs is None else dirs
     covering = [f for f in scan_fonts(dirs) if script in f.scripts]
     chosen = [f for f in covering
@@ -202,15 +204,15 @@ def parse_glyph_spec(spec: str) -> GlyphSpec:
     """'glyphs:greek,cyrillic:heldout:n=100' -> GlyphSpec; a clear error for a bad spec."""
     parts = spec.split(":")
     if parts[0] != "glyphs" or len(parts) < 2 or not parts[1]:
-        raise ValueError(f"glyph source {spec!r} must look like glyphs:latin or "
-                         "glyphs:greek,cyrillic[:pool|heldout|all][:n=PER_CLASS]")
+        raise SourceError(f"glyph source {spec!r} must look like glyphs:latin or "
+                          "glyphs:greek,cyrillic[:pool|heldout|all][:n=PER_CLASS]")
     scripts = tuple(s.strip().lower() for s in parts[1].split(","))
     unknown = [s for s in scripts if s not in SCRIPTS]
     if unknown:
-        raise ValueError(f"{spec!r}: unknown script(s) {', '.join(unknown)} "
-                         f"(known: {', '.join(SCRIPTS)})")
+        raise SourceError(f"{spec!r}: unknown script(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(SCRIPTS)})")
     if len(set(scripts)) != len(scripts):
-        raise ValueError(f"{spec!r}: a script is listed twice")
+        raise SourceError(f"{spec!r}: a script is listed twice")
     font_set, per_class = "pool", DEFAULT_PER_CLASS
     for opt in parts[2:]:
         if opt in FONT_SETS:
@@ -221,10 +223,10 @@ def parse_glyph_spec(spec: str) -> GlyphSpec:
             except ValueError:
                 per_class = 0
             if per_class < 1:
-                raise ValueError(f"{spec!r}: n= must be a positive number of images per class")
+                raise SourceError(f"{spec!r}: n= must be a positive number of images per class")
         else:
-            raise ValueError(f"{spec!r}: unknown option {opt!r} (use pool, heldout, all or "
-                             "n=PER_CLASS)")
+            raise SourceError(f"{spec!r}: unknown option {opt!r} (use pool, heldout, all or "
+                              "n=PER_CLASS)")
     return GlyphSpec(scripts, font_set, per_class)
 
 
@@ -295,8 +297,8 @@ def render_glyphs(spec: GlyphSpec, image_size: int, channels: int = 1, n: int | 
     keep = tuple(range(len(all_classes))) if classes is None else tuple(classes)
     bad = [c for c in keep if not 0 <= c < len(all_classes)]
     if bad:
-        raise ValueError(f"unknown class index(es) {bad} for glyphs of "
-                         f"{','.join(spec.scripts)} ({len(all_classes)} classes)")
+        raise SourceError(f"unknown class index(es) {bad} for glyphs of "
+                          f"{','.join(spec.scripts)} ({len(all_classes)} classes)")
     fonts = {s: fonts_for(s, spec.font_set) for s in {all_classes[c][0] for c in keep}}
     families = {s: sorted(f) for s, f in fonts.items()}
     n = spec.per_class * len(keep) if n is None else n
@@ -312,7 +314,7 @@ def render_glyphs(spec: GlyphSpec, image_size: int, channels: int = 1, n: int | 
             if ink.size:
                 break
         else:
-            raise ValueError(f"fonts for {script} draw no ink for {ch!r} (U+{ord(ch):04X})")
+            raise SourceError(f"fonts for {script} draw no ink for {ch!r} (U+{ord(ch):04X})")
         images[i] = _place(ink, image_size, rng)[:, :, None]
     names = tuple(ch for _, ch in all_classes)
     return images, labels, names

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from sdr_edge.data import glyphs
-from sdr_edge.data.folder import scan_folder
+from sdr_edge.data.folder import SourceError, scan_folder
 from sdr_edge.data.preprocess import prepare_uint8
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -64,12 +64,12 @@ def _read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"not an IDX file: {path}")
+        raise SourceError(f"not an IDX file: {path}")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
-        raise ValueError(f"truncated IDX file: {path}")
+        raise SourceError(f"truncated IDX file: {path}")
     return body.reshape(dims)
 
 
@@ -119,21 +119,21 @@ def split_class_filter(spec: str) -> tuple[str, tuple[int, ...] | None]:
     try:
         keep = tuple(int(c) for c in classes.split(","))
     except ValueError:
-        raise ValueError(f"class filter in {spec!r} must be comma-separated class indices, "
-                         "e.g. fashion-mnist:test@5,7,9") from None
+        raise SourceError(f"class filter in {spec!r} must be comma-separated class indices, "
+                          "e.g. fashion-mnist:test@5,7,9") from None
     if not keep or len(set(keep)) != len(keep):
-        raise ValueError(f"class filter in {spec!r} must list distinct class indices")
+        raise SourceError(f"class filter in {spec!r} must list distinct class indices")
     return base, keep
 
 
 def keep_classes(source: ImageSource, keep: tuple[int, ...]) -> ImageSource:
     """Only the images of classes `keep`, relabelled 0..len(keep)-1 in that order."""
     if source.labels is None:
-        raise ValueError(f"{source.name}: a class filter needs a labelled source")
+        raise SourceError(f"{source.name}: a class filter needs a labelled source")
     known = len(source.label_names) or int(source.labels.max()) + 1
     bad = [c for c in keep if not 0 <= c < known]
     if bad:
-        raise ValueError(f"{source.name}: unknown class index(es) {bad} (source has {known})")
+        raise SourceError(f"{source.name}: unknown class index(es) {bad} (source has {known})")
     index = np.flatnonzero(np.isin(source.labels, keep))
     remap = np.full(known, -1, dtype=np.int64)
     remap[list(keep)] = np.arange(len(keep))
@@ -159,16 +159,16 @@ def parse_mix(spec: str) -> list[tuple[str, int | None]]:
             except ValueError:
                 cap_value = 0
             if cap_value < 1:
-                raise ValueError(f"{spec!r}: part limit after '#' must be a positive integer, "
-                                 f"got {raw!r}")
+                raise SourceError(f"{spec!r}: part limit after '#' must be a positive integer, "
+                                  f"got {raw!r}")
         if not part:
-            raise ValueError(f"mixed source {spec!r} has an empty part (use "
-                             "mix:fashion-mnist:train+glyphs:latin,cyrillic, optionally PART#N)")
+            raise SourceError(f"mixed source {spec!r} has an empty part (use "
+                              "mix:fashion-mnist:train+glyphs:latin,cyrillic, optionally PART#N)")
         if part.startswith(MIX_PREFIX):
-            raise ValueError(f"{spec!r}: a mixed source cannot contain another mix")
+            raise SourceError(f"{spec!r}: a mixed source cannot contain another mix")
         parts.append((part, cap_value))
     if len(parts) < 2:
-        raise ValueError(f"mixed source {spec!r} needs at least two '+'-joined parts")
+        raise SourceError(f"mixed source {spec!r} needs at least two '+'-joined parts")
     return parts
 
 
@@ -241,12 +241,12 @@ def load_source(spec: str, image_size: int, channels: int = 1, limit: int | None
     elif spec == "fashion-mnist" or spec.startswith("fashion-mnist:"):
         split = spec.split(":", 1)[1] if ":" in spec else "all"
         if split not in ("train", "test", "all"):
-            raise ValueError(f"unknown Fashion-MNIST split {split!r} (use train, test or all)")
+            raise SourceError(f"unknown Fashion-MNIST split {split!r} (use train, test or all)")
         raw, labels = load_fashion_mnist(split)
         source = ImageSource(spec, _resize_all(raw, image_size, channels), labels,
                              FASHION_MNIST_LABELS)
     elif spec.startswith("builtin:"):
-        raise ValueError(f"unknown built-in source {spec!r} (known: builtin:digits)")
+        raise SourceError(f"unknown built-in source {spec!r} (known: builtin:digits)")
     else:
         path = Path(spec)
         if not path.exists():

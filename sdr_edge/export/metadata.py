@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdr_edge.data.preprocess import InputSpec
+from sdr_edge.errors import SdrEdgeError
 
 METADATA_KEY = "sdr_edge"
 METADATA_FORMAT = "sdr-edge-model"
@@ -20,7 +21,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 OUTPUT_KINDS = ("logits", "features")
 
 
-class MetadataError(ValueError):
+class MetadataError(SdrEdgeError, ValueError):
     """A model's sdr-edge metadata is missing or malformed."""
 
 

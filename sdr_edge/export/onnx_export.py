@@ -16,13 +16,14 @@ import onnx
 import torch
 from torch import nn
 
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.export.metadata import METADATA_KEY, ModelMetadata
 
 MIN_OPSET = 18
 INPUT_NAME = "input"
 
 
-class OnnxExportError(ValueError):
+class OnnxExportError(SdrEdgeError, ValueError):
     """The exporter or the ONNX checker refused the model."""
 
 

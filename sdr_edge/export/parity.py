@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from sdr_edge.errors import SdrEdgeError
+
 FP32_ATOL = 1e-4
 FP16_SCALED_TOL = 5e-3
 INT8_MIN_AGREEMENT = 0.99
@@ -44,7 +46,7 @@ class ParityCheck:
         return f"{self.name}: {self.detail} [{verdict}]"
 
 
-class ParityError(ValueError):
+class ParityError(SdrEdgeError, ValueError):
     """At least one check failed; the message gives every failing number and its bound."""
 
     def __init__(self, what: str, checks: list[ParityCheck]) -> None:

@@ -24,6 +24,7 @@ from sdr_edge.artifacts.bundle import MANIFEST, WEIGHTS, load_bundle_and_files
 from sdr_edge.artifacts.staging import check_replaceable_file
 from sdr_edge.data.preprocess import InputSpec, normalize_batch
 from sdr_edge.data.sources import ImageSource, load_source
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.export.metadata import (
     METADATA_FORMAT,
     PRECISIONS,
@@ -52,6 +53,10 @@ from sdr_edge.models.classifier import SubnetModel
 log = logging.getLogger(__name__)
 
 
+class ExportOptionsError(SdrEdgeError, ValueError):
+    """An export option or input does not fit (the message names the flag or the labels)."""
+
+
 @dataclass
 class ExportOptions:
     """How to export; defaults give a dynamic-batch fp32 model at opset 18."""
@@ -72,25 +77,28 @@ class ExportOptions:
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r} ({', '.join(PRECISIONS)})")
+            raise ExportOptionsError(f"unknown precision {self.precision!r} "
+                                     f"({', '.join(PRECISIONS)})")
         if self.int8_target not in INT8_TARGETS:
-            raise ValueError(f"unknown int8 target {self.int8_target!r} "
-                             f"({', '.join(INT8_TARGETS)})")
+            raise ExportOptionsError(f"unknown int8 target {self.int8_target!r} "
+                                     f"({', '.join(INT8_TARGETS)})")
         if self.calib_images is not None and self.calib_source is not None:
-            raise ValueError("give either --calib-images or --calib-source, not both")
+            raise ExportOptionsError("give either --calib-images or --calib-source, not both")
         if self.precision == "int8" and self.calib_images is None and self.calib_source is None:
             raise CalibrationError("int8 export needs calibration images: pass --calib-images DIR "
                                    "(a folder of images like the ones the device will see) or "
                                    "--calib-source SOURCE")
         if self.calib_images is None and self.calib_source is None and self.eval_source is None:
-            raise ValueError("the export is checked against PyTorch on real images: pass "
-                             "--eval-source SOURCE (labelled if possible) or --calib-images DIR")
+            raise ExportOptionsError("the export is checked against PyTorch on real images: "
+                                     "pass --eval-source SOURCE (labelled if possible) or "
+                                     "--calib-images DIR")
         if self.opset < 18:
-            raise ValueError(f"opset {self.opset} is too old: sdr-edge exports opset >= 18")
+            raise ExportOptionsError(f"opset {self.opset} is too old: sdr-edge exports "
+                                     "opset >= 18")
         if self.tolerance is not None and self.tolerance < 0:
-            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+            raise ExportOptionsError(f"tolerance must be >= 0, got {self.tolerance}")
         if self.calib_limit < 1 or self.eval_limit < 1:
-            raise ValueError("calibration and evaluation limits must be >= 1")
+            raise ExportOptionsError("calibration and evaluation limits must be >= 1")
 
 
 @dataclass
@@ -132,13 +140,13 @@ def _model_labels(source: ImageSource, spec: InputSpec, num_classes: int | None
         index = {name: i for i, name in enumerate(spec.label_names)}
         unknown = sorted(set(source.label_names) - set(index))
         if unknown:
-            raise ValueError(f"evaluation labels {unknown[:5]} are not among the model's label "
-                             f"names {list(spec.label_names)[:10]}")
+            raise ExportOptionsError(f"evaluation labels {unknown[:5]} are not among the "
+                                     f"model's label names {list(spec.label_names)[:10]}")
         remap = np.asarray([index[n] for n in source.label_names])
         return remap[source.labels]
     if int(source.labels.max()) >= num_classes:
-        raise ValueError(f"evaluation labels go up to {int(source.labels.max())} but the model "
-                         f"has {num_classes} classes")
+        raise ExportOptionsError(f"evaluation labels go up to {int(source.labels.max())} but "
+                                 f"the model has {num_classes} classes")
     return source.labels
 
 
@@ -173,7 +181,7 @@ def export_model(model: SubnetModel, spec: InputSpec, route: tuple[int, ...], ou
     opts.validate()
     out = Path(out)
     if out.suffix != ".onnx":
-        raise ValueError(f"output must end in .onnx, got {out.name}")
+        raise ExportOptionsError(f"output must end in .onnx, got {out.name}")
     check_output(out)
     output_kind = "logits" if model.num_classes else "features"
     calib = _load_calibration(opts, spec)

@@ -28,12 +28,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from sdr_edge.errors import SdrEdgeError
+
 INT8_TARGETS = ("cpu", "tensorrt")
 
 log = logging.getLogger(__name__)
 
 
-class CalibrationError(ValueError):
+class CalibrationError(SdrEdgeError, ValueError):
     """Calibration images are missing or unusable."""
 
 

@@ -23,6 +23,7 @@ import onnx
 
 from sdr_edge.artifacts.atomic import atomic_write_bytes, fsync_dir, sha256_file
 from sdr_edge.artifacts.staging import check_replaceable_file
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.export.metadata import (
     METADATA_KEY,
     MetadataError,
@@ -51,7 +52,7 @@ ENGINE_INT8_MIN_COSINE = 0.99
 ENGINE_FORMAT = "sdr-edge-engine"
 
 
-class EngineBuildError(ValueError):
+class EngineBuildError(SdrEdgeError, ValueError):
     """Bad build options, an ONNX model TensorRT cannot take, or a failed build."""
 
 

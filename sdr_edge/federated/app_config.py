@@ -7,7 +7,6 @@ node is contacted, instead of failing after minutes of training.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,13 +128,16 @@ class FederationConfig:
 
     def fixed_route(self) -> tuple[int, ...] | None:
         """A route given in the config ('1,0,2,3' or '1-0-2-3'), bypassing signature routing."""
+        from sdr_edge.routing.route_ids import RouteIdError, parse_route_id
+
         text = self.route.strip()
         if not text:
             return None
-        # fullmatch of plain ASCII digits: int() would also take '+1', '1_0', '１' or ' 1 '
-        if not re.fullmatch(r"[0-9]{1,4}(?:[-,][0-9]{1,4})*", text, flags=re.ASCII):
-            raise FederationConfigError(f"route {self.route!r} is not digits like 1,0,2,3")
-        return tuple(int(d) for d in re.split("[-,]", text))
+        try:  # the library's strict parser: plain ASCII digits, fullmatched
+            return parse_route_id(text, separators="-,")
+        except RouteIdError as exc:
+            raise FederationConfigError(f"route {self.route!r} is not digits like 1,0,2,3") \
+                from exc
 
     def registry_token(self) -> str:
         if self.registry_token_file:

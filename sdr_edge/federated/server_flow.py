@@ -164,7 +164,7 @@ def load_start_model(cfg: FederationConfig, route: tuple[int, ...] | None,
         return StartModel(backbone, spec, tuple(route),
                           {"kind": "run-dir", "run_dir": str(Path(cfg.run_dir).resolve())},
                           _float_bytes(net))
-    from client.registry_client import fetch_bundle
+    from sdr_edge.registry_client import fetch_bundle
 
     with tempfile.TemporaryDirectory(prefix="sdr-subnet-") as tmp:
         target = route if cfg.fixed_route() is not None else signature

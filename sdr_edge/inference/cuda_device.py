@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from sdr_edge.errors import SdrEdgeError
+
 INSTALL_HINT = (
     "install it with `pip install 'sdr-edge[trt]'` on a Linux machine with an NVIDIA GPU and "
     "CUDA (the wheels come from NVIDIA's index: add `--extra-index-url https://pypi.nvidia.com` "
@@ -22,7 +24,7 @@ INSTALL_HINT = (
 )
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(SdrEdgeError, RuntimeError):
     """TensorRT or an NVIDIA GPU is missing; the message says which and how to fix it."""
 
 

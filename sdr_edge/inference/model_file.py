@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sdr_edge.errors import SdrEdgeError
+
 ONNX = "onnx"
 ENGINE = "engine"
 TRT_PLAN_MAGIC = b"ftrt"
@@ -18,7 +20,7 @@ TRT_PLAN_MAGIC = b"ftrt"
 _MODELPROTO_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
 
 
-class ModelFileError(ValueError):
+class ModelFileError(SdrEdgeError, ValueError):
     """A model file is missing, empty, or neither an ONNX model nor a TensorRT engine."""
 
 

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sdr_edge.artifacts.atomic import sha256_bytes
 from sdr_edge.data.folder import decode_image, list_image_files
 from sdr_edge.data.preprocess import InputSpec, normalize_batch, prepare_uint8
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.routing.privacy import exact_or_private
 from sdr_edge.routing.signature import Signature, SignatureValidationError, check_run_id_format
 
@@ -38,7 +39,7 @@ KIT_JSON = "kit.json"
 KIT_ONNX = "kit.onnx"
 
 
-class KitError(ValueError):
+class KitError(SdrEdgeError, ValueError):
     """A kit folder is missing files, has a wrong checksum or an unknown format."""
 
 

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sdr_edge.errors import SdrEdgeError
+
 SIGNATURE_FORMAT = "sdr-signature"
 SIGNATURE_VERSION = 1
 SUM_TOLERANCE = 1e-3  # each level's probabilities must sum to 1 within this
@@ -57,7 +59,7 @@ log = logging.getLogger(__name__)
 Route = tuple[int, ...]
 
 
-class SignatureValidationError(ValueError):
+class SignatureValidationError(SdrEdgeError, ValueError):
     """A signature is malformed; `field` names the offending part (e.g. 'levels[2]')."""
 
     def __init__(self, field: str, message: str) -> None:

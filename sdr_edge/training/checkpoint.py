@@ -30,6 +30,7 @@ from torch import nn
 from sdr_edge.artifacts.atomic import atomic_write
 from sdr_edge.artifacts.run_dir import CHECKPOINT_DIR
 from sdr_edge.artifacts.weights import state_to_tensors
+from sdr_edge.errors import SdrEdgeError
 
 LAST = "last.safetensors"
 PREV = "prev.safetensors"
@@ -38,7 +39,7 @@ FORMAT = "sdr-edge-checkpoint"
 RESTART_HINT = "rerun with --restart to discard this run's checkpoints and train from the start"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SdrEdgeError, ValueError):
     """A checkpoint that cannot be trusted (truncated, corrupted, foreign); one-line message."""
 
 

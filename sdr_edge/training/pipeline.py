@@ -31,6 +31,7 @@ from sdr_edge.artifacts.atomic import atomic_write_text, sha256_file
 from sdr_edge.artifacts.weights import load_tensors
 from sdr_edge.data.preprocess import InputSpec
 from sdr_edge.data.sources import ImageSource, load_source
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.models.resnet import Backbone
 from sdr_edge.models.sdrnet import SDRnet
 from sdr_edge.ssl.heads import SimSiamHeads
@@ -58,7 +59,7 @@ PHASE0, CLUSTER, KIT, DONE, UNIFIED = "phase0", "cluster", "kit", "done", "unifi
 MAX_LOGGED_SKIPS = 1000
 
 
-class RunConflictError(ValueError):
+class RunConflictError(SdrEdgeError, ValueError):
     """RUN_DIR holds something this command must not overwrite or resume."""
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdr_edge.artifacts.atomic import atomic_write_text
+from sdr_edge.errors import SdrEdgeError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _LINE = re.compile(r"^(\S+)\s+sha256:([0-9a-f]{64})$")
 
 
-class TokenFileError(ValueError):
+class TokenFileError(SdrEdgeError, ValueError):
     """A tokens file is malformed, or a token name is invalid or taken."""
 
 
@@ -70,7 +71,7 @@ class TokenStore:
         return found
 
 
-class TokensUnavailable(RuntimeError):
+class TokensUnavailable(SdrEdgeError, RuntimeError):
     """The tokens file cannot be read or parsed: no token is trusted until it is fixed."""
 
 

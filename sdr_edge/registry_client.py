@@ -1,6 +1,7 @@
-"""HTTP client of the registry: kit, routing and verified bundle download (httpx).
+"""HTTP client of the registry: token, kit, routing and verified bundle download (httpx).
 
-Used by `sdr-client fetch`, the client agent and the Flower server. Downloads are read into
+Used by `sdr-client fetch`, the client agent and the Flower server (the FastAPI server itself
+is the `server.registry` app). Downloads are read into
 memory with a size cap, unpacked only as plain files, verified (Ed25519 signature, every
 sha256, nothing unlisted) and only then written to a staging folder swapped into place: a
 refused download leaves nothing in the output folder, and a folder this project did not write
@@ -10,9 +11,9 @@ is never replaced.
 from __future__ import annotations
 
 import json
-import re
+import os
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +30,66 @@ from sdr_edge.artifacts.transfer import (
     verify_kit_archive,
     write_files_atomically,
 )
+from sdr_edge.errors import SdrEdgeError
+from sdr_edge.routing.route_ids import format_route_id, parse_route_id
 
 DEFAULT_TIMEOUT = 60.0
+TOKEN_ENV = "SDR_REGISTRY_TOKEN"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(SdrEdgeError, RuntimeError):
     """The registry could not be reached or answered with an error status."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class TokenError(SdrEdgeError, ValueError):
+    """No usable bearer token: the message names the file or the ways to give one."""
+
+
+def resolve_token(token: str | None = None, token_file: str | Path | None = None,
+                  env: Mapping[str, str] | None = None, *, file_label: str = "token file",
+                  hint: str = f"pass a token or a token file, or set ${TOKEN_ENV}") -> str:
+    """The registry's bearer token, from the first source given, in this one order:
+
+    1. `token` (an explicit value, e.g. --token; empty counts as not given),
+    2. `token_file` (its text, stripped; it must exist and hold one non-empty line),
+    3. `$SDR_REGISTRY_TOKEN` in `env` (os.environ by default).
+
+    A source that is given but unusable is an error, never skipped in favour of the next one
+    (a typo in a token-file path must not silently pick up another token from the
+    environment). `file_label` names the file's setting in messages (e.g. '--token-file',
+    'registry.token_file'); `hint` says how to give a token when there is none.
+    """
+    env = os.environ if env is None else env
+    if token:
+        return _check_token(token, "the token")
+    if token_file is not None and str(token_file) != "":
+        path = Path(token_file).expanduser()
+        if not path.is_file():
+            what = "is not a file" if path.exists() else "does not exist"
+            raise TokenError(f"{file_label} {path} {what}")
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TokenError(f"{file_label} {path} cannot be read: {exc}") from exc
+        if not text:
+            raise TokenError(f"{file_label} {path} is empty")
+        return _check_token(text, f"{file_label} {path}")
+    if env.get(TOKEN_ENV, "").strip():
+        return _check_token(env[TOKEN_ENV].strip(), f"${TOKEN_ENV}")
+    raise TokenError(f"no registry token: {hint}")
+
+
+def _check_token(token: str, source: str) -> str:
+    # it goes into an HTTP header: a second line or a non-ASCII character would fail there
+    # with a far less readable error (or split the header)
+    if not token.isascii() or any(c.isspace() or not c.isprintable() for c in token):
+        raise TokenError(f"{source} is not a single-line ASCII token (spaces, line breaks and "
+                         "control characters cannot go into the Authorization header)")
+    return token
 
 
 def _verify_option(cacert: str | Path | None) -> ssl.SSLContext | bool:
@@ -53,7 +104,7 @@ def make_client(url: str, token: str, cacert: str | Path | None = None,
                 timeout: float = DEFAULT_TIMEOUT) -> httpx.Client:
     """An httpx client with the bearer token, the base URL and (optionally) a private CA."""
     if not url.startswith(("http://", "https://")):
-        raise ValueError(f"registry URL must start with http:// or https://, got {url!r}")
+        raise RegistryError(f"registry URL must start with http:// or https://, got {url!r}")
     return httpx.Client(base_url=url.rstrip("/"), timeout=timeout, verify=_verify_option(cacert),
                         headers={"Authorization": f"Bearer {token}"})
 
@@ -125,16 +176,12 @@ def _post_route(client: httpx.Client, obj: dict, top: int | None = None) -> dict
 
 def _bundle_id(route_or_signature: Any, client: httpx.Client) -> tuple[str, tuple[int, ...]]:
     if isinstance(route_or_signature, str) and not route_or_signature.lstrip().startswith("{"):
-        text = route_or_signature
-        # fullmatch: int() takes ' 1', '+1', '1_0' and '１', and `$` a trailing newline; the
-        # text goes into the URL path, so only plain digits joined by '-' may pass
-        if not re.fullmatch(r"(?:0|[1-9][0-9]{0,3})(?:-(?:0|[1-9][0-9]{0,3}))*", text,
-                            flags=re.ASCII):
-            raise ValueError(f"route id {text[:40]!r} is not digits joined by '-'")
-        return text, tuple(int(d) for d in text.split("-"))
+        # strict: the text goes into the URL path (RouteIdError before any request)
+        route = parse_route_id(route_or_signature)
+        return format_route_id(route), route
     if isinstance(route_or_signature, Sequence) and not isinstance(route_or_signature, str | bytes):
         route = tuple(int(d) for d in route_or_signature)
-        return "-".join(str(d) for d in route), route
+        return format_route_id(route), route
     answer = _post_route(client, _signature_obj(route_or_signature))
     return answer["bundle_id"], tuple(int(d) for d in answer["route"])
 
@@ -180,7 +227,7 @@ def fetch_candidates(url: str, token: str, signature: Any,
         answer = _post_route(client, _signature_obj(signature), top_m)
         for row in answer["scores"][:top_m]:
             route = tuple(int(d) for d in row["route"])
-            bundle_id = "-".join(str(d) for d in route)
+            bundle_id = format_route_id(route)
             out.append((route, _verified_bundle(client, bundle_id, route, key, max_bytes)))
     return out
 
