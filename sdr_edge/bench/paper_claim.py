@@ -33,6 +33,7 @@ from sdr_edge.artifacts.run_dir import load_sdrnet, load_teacher
 from sdr_edge.bench.budgets import BUDGETS, Budget, TaskSpec, tasks, train_config_dict
 from sdr_edge.data.preprocess import InputSpec
 from sdr_edge.data.sources import load_source
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.federated.local import LocalTrainConfig, evaluate_local, train_local
 from sdr_edge.models.classifier import SubnetModel
 from sdr_edge.models.resnet import Backbone
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 TEST_FRACTION = 0.3
 MODELS = ("unified", "sdr16", "sdr256")
 SDR_MODELS = ("sdr16", "sdr256")
+
+
+class BenchError(SdrEdgeError, ValueError):
+    """A bench option, budget or stored seed evaluation does not fit (one line)."""
 
 
 def run_root(out: Path, seed: int) -> Path:
@@ -70,7 +75,7 @@ def pretrain_all(budget: Budget, out: Path, seed: int, kd_weight: float | None =
     paths = {}
     for name, (cfg, unified) in runs.items():
         if cfg.total_epochs != budget.total_epochs:
-            raise ValueError(f"{name}: {cfg.total_epochs} total epochs != {budget.total_epochs}")
+            raise BenchError(f"{name}: {cfg.total_epochs} total epochs != {budget.total_epochs}")
         t0 = time.perf_counter()
         result = train(cfg, root / name, unified=unified)
         log.info("pre-training %s seed %d: %s in %.0f s", name, seed,
@@ -208,11 +213,11 @@ def aggregate(per_seed: list[list[dict]]) -> dict:
     then aggregated: a paired comparison, so noise shared by both sides of a seed cancels.
     `mean_over_tasks` averages each number over the tasks within a seed, then over seeds."""
     if not per_seed:
-        raise ValueError("no seeds to aggregate")
+        raise BenchError("no seeds to aggregate")
     names = [r["task"] for r in per_seed[0]]
     for rows in per_seed[1:]:
         if [r["task"] for r in rows] != names:
-            raise ValueError("every seed must evaluate the same tasks in the same order")
+            raise BenchError("every seed must evaluate the same tasks in the same order")
     out: dict = {"seeds": [rows[0]["seed"] for rows in per_seed], "task_names": names,
                  "tasks": {}, "mean_over_tasks": {}}
     for i, name in enumerate(names):
@@ -457,7 +462,7 @@ def _domains():
     try:
         from sdr_edge.bench import domains
     except ImportError as exc:
-        raise ValueError(f"the mixed-domain pool needs sdr_edge.bench.domains ({exc})") from exc
+        raise BenchError(f"the mixed-domain pool needs sdr_edge.bench.domains ({exc})") from exc
     return domains
 
 
@@ -471,12 +476,12 @@ def run(budget_name: str, out: str | Path, seed: int = 0, argv: list[str] | None
     `random_routes` the budget's. Task set "domains" pre-trains on the mixed pool of
     sdr_edge.bench.domains unless `pool` says otherwise."""
     if budget_name not in BUDGETS:
-        raise ValueError(f"unknown budget {budget_name!r} ({', '.join(BUDGETS)})")
+        raise BenchError(f"unknown budget {budget_name!r} ({', '.join(BUDGETS)})")
     if seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+        raise BenchError(f"--seeds must be at least 1, got {seeds}")
     for flag, value in (("--task-limit", task_limit), ("--pool-limit", pool_limit)):
         if value is not None and value < 0:
-            raise ValueError(f"{flag} must be >= 0 (0: all images), got {value}")
+            raise BenchError(f"{flag} must be >= 0 (0: all images), got {value}")
     budget = BUDGETS[budget_name]
     if task_limit is not None:
         budget = replace(budget, task_limit=task_limit or None)
@@ -490,7 +495,7 @@ def run(budget_name: str, out: str | Path, seed: int = 0, argv: list[str] | None
         budget = replace(budget, pool_limit=pool_limit or None)
     if random_routes is not None:
         if random_routes < 0:
-            raise ValueError(f"--random-routes must be >= 0, got {random_routes}")
+            raise BenchError(f"--random-routes must be >= 0, got {random_routes}")
         budget = replace(budget, random_routes=random_routes)
     task_list = tasks(budget)  # fails before hours of pre-training when the task set is missing
     sources = [budget.pool] + [t.source for t in task_list]

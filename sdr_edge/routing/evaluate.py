@@ -27,11 +27,16 @@ from tqdm import tqdm
 
 from sdr_edge.artifacts.run_dir import KIT_DIR, load_sdrnet, load_teacher
 from sdr_edge.data.sources import ImageSource, load_source
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.routing.kit_runtime import KitRunner, compute_signature
 from sdr_edge.routing.probe import extract_features, knn_probe_accuracy, linear_probe_accuracy
 from sdr_edge.routing.signature import Route, all_routes, route_signature, score_routes
 
 log = logging.getLogger(__name__)
+
+
+class RouteEvalError(SdrEdgeError, ValueError):
+    """A route-eval option or task does not fit (one line for the user)."""
 
 
 def parse_candidates(text: str | int | None) -> int | None:
@@ -43,10 +48,10 @@ def parse_candidates(text: str | int | None) -> int | None:
     else:
         match = re.fullmatch(r"(?:top)?(\d+)", str(text).strip())
         if not match:
-            raise ValueError(f"--candidates must be 'all' or 'topM' (e.g. top8), got {text!r}")
+            raise RouteEvalError(f"--candidates must be 'all' or 'topM' (e.g. top8), got {text!r}")
         m = int(match.group(1))
     if m < 1:
-        raise ValueError("--candidates topM needs M >= 1")
+        raise RouteEvalError("--candidates topM needs M >= 1")
     return m
 
 
@@ -54,10 +59,10 @@ def split_task(source: ImageSource, test_fraction: float, seed: int
                ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded, stratified train/test indices; a clear error when the task cannot be split."""
     if source.labels is None:
-        raise ValueError(f"task {source.name!r} has no labels (use a folder with one "
-                         "sub-folder per class, builtin:digits or fashion-mnist)")
+        raise RouteEvalError(f"task {source.name!r} has no labels (use a folder with one "
+                             "sub-folder per class, builtin:digits or fashion-mnist)")
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test fraction must be in (0, 1), got {test_fraction}")
+        raise RouteEvalError(f"test fraction must be in (0, 1), got {test_fraction}")
     idx = np.arange(len(source))
     counts = np.bincount(source.labels)
     stratify = source.labels if counts[counts > 0].min() >= 2 else None
@@ -67,7 +72,8 @@ def split_task(source: ImageSource, test_fraction: float, seed: int
         train, test = train_test_split(idx, test_size=test_fraction, random_state=seed,
                                        stratify=stratify)
     except ValueError as exc:
-        raise ValueError(f"cannot split task {source.name!r} ({len(source)} images): {exc}") from exc
+        raise RouteEvalError(f"cannot split task {source.name!r} ({len(source)} images): "
+                             f"{exc}") from exc
     return np.sort(train), np.sort(test)
 
 
@@ -82,7 +88,7 @@ def random_control_routes(branching: tuple[int, ...], routed: Route, count: int,
     Drawn from the lexicographic route list, so the draw does not depend on the routing scores.
     Fewer come back when the SDRnet has fewer than `count` other sub-nets."""
     if count < 0:
-        raise ValueError(f"random routes must be >= 0, got {count}")
+        raise RouteEvalError(f"random routes must be >= 0, got {count}")
     pool = [r for r in all_routes(branching) if r != tuple(routed)]
     if count > len(pool):
         log.warning("only %d routes besides the routed one: using all of them as random controls",
@@ -104,14 +110,16 @@ def evaluate_routing(run_dir: str | Path, task_source: str, candidates: str | in
     run_dir = Path(run_dir)
     top_m = parse_candidates(candidates)
     if random_routes < 0:
-        raise ValueError(f"random routes must be >= 0, got {random_routes}")
+        raise RouteEvalError(f"random routes must be >= 0, got {random_routes}")
     net, spec = load_sdrnet(run_dir)
     runner = KitRunner(run_dir / KIT_DIR)
     if (runner.spec.image_size, runner.spec.channels) != (spec.image_size, spec.channels):
-        raise ValueError(f"kit input {runner.spec.image_size}px x {runner.spec.channels} does not "
-                         f"match the SDRnet's {spec.image_size}px x {spec.channels}")
+        raise RouteEvalError(f"kit input {runner.spec.image_size}px x {runner.spec.channels} "
+                             f"does not match the SDRnet's {spec.image_size}px x "
+                             f"{spec.channels}")
     if runner.branching != net.branching:
-        raise ValueError(f"kit branching {runner.branching} != SDRnet branching {net.branching}")
+        raise RouteEvalError(f"kit branching {runner.branching} != SDRnet branching "
+                             f"{net.branching}")
     source = load_source(task_source, spec.image_size, spec.channels, limit=image_limit, seed=seed)
     train_idx, test_idx = split_task(source, test_fraction, seed)
     x_tr, x_te = source.images[train_idx], source.images[test_idx]
