@@ -82,3 +82,22 @@ def test_presets_build_and_run():
     for name, size in [("resnet18", 64), ("resnet50", 64)]:
         net = Backbone(BackboneConfig.preset(name, in_channels=3)).eval()
         assert net(torch.randn(1, 3, size, size)).shape == (1, net.feature_dim)
+
+
+@pytest.mark.parametrize("preset", ["small", "resnet50"])
+def test_init_zeroes_the_last_bn_of_every_residual_branch(preset):
+    """Zero gamma: each block starts as its shortcut; every other BN (stem, shortcut) has 1."""
+    from sdr_edge.models.resnet import BasicBlock, Bottleneck
+
+    torch.manual_seed(0)
+    nets = [Backbone(BackboneConfig.preset(preset, in_channels=3)),
+            SDRnet(BackboneConfig.preset(preset, in_channels=3), (2, 2))]
+    for net in nets:
+        blocks = [m for m in net.modules() if isinstance(m, BasicBlock | Bottleneck)]
+        assert blocks
+        last = {id(b.bn3 if isinstance(b, Bottleneck) else b.bn2) for b in blocks}
+        bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert len(bns) > len(last)  # the stem's and the shortcuts' BNs keep gamma 1
+        for bn in bns:
+            assert torch.equal(bn.weight, torch.full_like(bn.weight, 0.0 if id(bn) in last else 1.0))
+            assert torch.equal(bn.bias, torch.zeros_like(bn.bias))

@@ -157,13 +157,22 @@ def make_stage(cfg: BackboneConfig, index: int) -> nn.Sequential:
 
 
 def init_weights(module: nn.Module) -> None:
-    """He init for convolutions, zero-gamma for the last BN of each residual branch."""
+    """He init for convolutions, zero-gamma for the last BN of each residual branch.
+
+    Zero gamma (Goyal et al. 2017, as in timm) makes every block start as its shortcut, so a
+    deep net begins close to a shallow one and trains stably at large learning rates; the
+    shortcut's own BN keeps gamma 1.
+    """
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+    for m in module.modules():
+        last = m.bn2 if isinstance(m, BasicBlock) else m.bn3 if isinstance(m, Bottleneck) else None
+        if last is not None:
+            nn.init.zeros_(last.weight)
 
 
 class Backbone(nn.Module):
