@@ -1,9 +1,9 @@
 """Build a tiny but complete run directory in seconds, with the run-dir writers themselves.
 
-The teacher is an untrained small backbone, codes come from residual k-means on its
-L2-normalised features, and each SDRnet expert is the teacher's stage plus a little noise, so
-sub-nets differ. The signature kit is really trained on those codes.
-"""
+The teacher is an untrained small backbone, codes come from the library's residual k-means on
+its features (as `sdr-server train` computes them), and each SDRnet expert is the teacher's
+stage plus a little noise, so sub-nets differ. The signature kit is really trained on those
+codes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 
 from sdr_edge.artifacts.run_dir import (
     KIT_DIR,
@@ -21,6 +20,7 @@ from sdr_edge.artifacts.run_dir import (
     save_teacher,
     write_run_manifest,
 )
+from sdr_edge.clustering import fit_residual_kmeans
 from sdr_edge.data import InputSpec, load_source
 from sdr_edge.models import Backbone, BackboneConfig
 from sdr_edge.models.sdrnet import RoutedStage, SDRnet
@@ -28,17 +28,6 @@ from sdr_edge.routing.kit import train_signature_kit
 from sdr_edge.routing.probe import extract_features
 
 TINY_CFG = BackboneConfig.preset("small", in_channels=1, widths=(8, 16, 16, 32), stem_width=8)
-
-
-def residual_kmeans(x: np.ndarray, branching: tuple[int, ...], seed: int
-                    ) -> tuple[np.ndarray, list[np.ndarray]]:
-    codes, books, res = [], [], x.astype(np.float64)
-    for r, b in enumerate(branching):
-        km = KMeans(b, n_init=2, random_state=seed + r).fit(res)
-        codes.append(km.labels_)
-        books.append(km.cluster_centers_.astype(np.float32))
-        res = res - km.cluster_centers_[km.labels_]
-    return np.stack(codes, axis=1).astype(np.int64), books
 
 
 def make_tiny_run(run_dir: Path, branching: tuple[int, ...] = (2, 2), image_size: int = 16,
@@ -49,9 +38,9 @@ def make_tiny_run(run_dir: Path, branching: tuple[int, ...] = (2, 2), image_size
     mean, std = src.channel_stats()
     spec = InputSpec(image_size, 1, mean, std, src.label_names)
     teacher = Backbone(TINY_CFG).eval()
-    feats = extract_features(teacher, src.images, spec)
-    feats /= np.linalg.norm(feats, axis=1, keepdims=True) + 1e-12
-    codes, books = residual_kmeans(feats, branching, seed)
+    clusters = fit_residual_kmeans(extract_features(teacher, src.images, spec), branching,
+                                   seed=seed, backend="sklearn")  # normalises the features itself
+    codes, books = clusters.codes, clusters.codebooks
     net = SDRnet.from_backbone(teacher, branching)
     for r in range(len(branching)):
         net.split_level(r)
