@@ -31,10 +31,11 @@ NODE_TASK_ERROR = 101
 app = ClientApp()
 
 
-def _reply(task: Callable[[RecordDict, dict], RecordDict], msg: Message,
+def _reply(task: Callable[[RecordDict, dict, RecordDict], RecordDict], msg: Message,
            context: Context) -> Message:
-    try:
-        return Message(task(msg.content, dict(context.node_config)), reply_to=msg)
+    try:  # context.state persists across the run's messages (FedBN keeps its BatchNorm there)
+        return Message(task(msg.content, dict(context.node_config), context.state),
+                       reply_to=msg)
     except NodeDataError as exc:
         log.error("%s refused: %s", msg.metadata.message_type, exc)
         return Message(Error(NODE_DATA_ERROR, f"node data error: {exc}"), reply_to=msg)

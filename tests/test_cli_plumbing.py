@@ -234,13 +234,11 @@ BUILTIN_BASES = {"Exception", "ValueError", "RuntimeError", "OSError", "TypeErro
 
 def test_every_project_exception_class_derives_from_sdr_edge_error():
     """Classes deriving directly from a builtin exception must list SdrEdgeError too (private
-    control-flow exceptions, `_Name`, and sdr_edge/federated, rebased separately, excepted)."""
+    control-flow exceptions, `_Name`, excepted)."""
     missing = []
     for top in ("sdr_edge", "server", "client", "export"):
         for path in sorted((REPO / top).rglob("*.py")):
             rel = path.relative_to(REPO).as_posix()
-            if rel.startswith("sdr_edge/federated/"):
-                continue
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
                 if (not isinstance(node, ast.ClassDef) or node.name.startswith("_")
                         or node.name == "SdrEdgeError"):

@@ -1,120 +1,106 @@
 """The ServerApp's settings, read from `[tool.flwr.app.config]` (+ `flwr run --run-config`).
 
-Every key is validated up front, so a bad value stops the run with one clear line before any
+A pydantic model with one field per run-config key (the key is the field's alias), so every
+default is written once, unknown keys are refused (a typo such as `stratgy` would otherwise
+be ignored silently) and a bad value stops the run with one line naming the key before any
 node is contacted, instead of failing after minutes of training.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from typing import Literal
 
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.training.finetune import ROUND_LR
 
-STRATEGIES = ("fedavg", "fedprox")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedtrimmedavg", "fedmedian", "krum",
+              "multikrum", "bulyan")
+ROBUST_STRATEGIES = ("fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan")
 TOKEN_ENV = "SDR_REGISTRY_TOKEN"
 
 
-class FederationConfigError(ValueError):
+class FederationConfigError(SdrEdgeError, ValueError):
     """A run-config value is missing or out of range."""
 
 
-def _bool(value: object, key: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("true", "1", "yes"):
-        return True
-    if str(value).lower() in ("false", "0", "no"):
-        return False
-    raise FederationConfigError(f"run config {key!r}: expected true or false, got {value!r}")
+def _field(default: object, alias: str, **kw) -> object:
+    return Field(default, alias=alias, **kw)
 
 
-@dataclass(frozen=True)
-class FederationConfig:
+class FederationConfig(BaseModel):
     """Everything the ServerApp needs to route, fine-tune and save."""
 
-    num_rounds: int = 3
-    local_epochs: int = 1
-    lr: float = ROUND_LR  # a round's peak rate (sdr_edge.training.finetune), defined once
-    batch_size: int = 32
-    fine_tune: str = "full"
-    strategy: str = "fedavg"
-    proximal_mu: float = 0.0
-    run_dir: str = ""
-    registry_url: str = ""
-    registry_token_file: str = ""
-    registry_pubkey: str = ""
-    registry_cacert: str = ""
-    signing_key: str = ""
-    out_dir: str = "runs/federated"
-    min_nodes: int = 2
-    min_round_nodes: int = 2
-    fraction_train: float = 1.0
-    round_timeout: float = 300.0
-    node_wait_timeout: float = 300.0
-    route: str = ""
-    seed: int = 0
-    evaluate_start: bool = True
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    num_rounds: int = _field(3, "num-server-rounds", ge=1)
+    local_epochs: int = _field(1, "local-epochs", ge=1)
+    lr: float = _field(ROUND_LR, "lr", gt=0)  # a round's peak rate, defined once in finetune
+    lr_schedule: Literal["cosine", "constant"] = _field("cosine", "lr-schedule")
+    warmup: bool = _field(True, "warmup")  # round 1 ramps the rate up linearly
+    min_lr_fraction: float = _field(0.05, "min-lr-fraction", ge=0, le=1)
+    head_rounds: int = _field(0, "head-rounds", ge=0)  # first N rounds train the head only
+    batch_size: int = _field(32, "batch-size", ge=1)
+    fine_tune: Literal["full", "linear"] = _field("full", "fine-tune")
+    bn: Literal["train", "frozen"] = _field("train", "bn")
+    fedbn: bool = _field(False, "fedbn")
+    probe_init: bool = _field(False, "probe-init")
+    strategy: str = _field("fedavg", "strategy")
+    proximal_mu: float = _field(0.0, "proximal-mu", ge=0)
+    server_lr: float = _field(0.01, "server-lr", gt=0)  # FedAdam / FedYogi eta
+    server_tau: float = _field(1e-3, "server-tau", gt=0)  # FedAdam / FedYogi adaptivity
+    trim_beta: float = _field(0.25, "trim-beta", gt=0, lt=0.5)  # FedTrimmedAvg, each end
+    malicious_nodes: int = _field(1, "malicious-nodes", ge=0)  # Krum / MultiKrum / Bulyan
+    run_dir: str = _field("", "run-dir")
+    registry_url: str = _field("", "registry-url")
+    registry_token_file: str = _field("", "registry-token-file")
+    registry_pubkey: str = _field("", "registry-pubkey")
+    registry_cacert: str = _field("", "registry-cacert")
+    signing_key: str = _field("", "signing-key")
+    out_dir: str = _field("runs/federated", "out-dir")
+    min_nodes: int = _field(2, "min-nodes", ge=1)
+    min_round_nodes: int = _field(2, "min-round-nodes", ge=1)
+    fraction_train: float = _field(1.0, "fraction-train", gt=0, le=1)
+    round_timeout: float = _field(300.0, "round-timeout", gt=0)
+    node_wait_timeout: float = _field(300.0, "node-wait-timeout", gt=0)
+    route: str = _field("", "route")
+    seed: int = _field(0, "seed")
+    evaluate_start: bool = _field(True, "evaluate-start")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> FederationConfig:
-        def get(key: str, kind: type, default: object) -> object:
-            value = run_config.get(key, default)
-            try:
-                return kind(value)
-            except (TypeError, ValueError) as exc:
-                raise FederationConfigError(f"run config {key!r}: cannot read {value!r} as "
-                                            f"{kind.__name__}") from exc
+        """Validated settings; FederationConfigError naming every bad key otherwise."""
+        try:
+            return cls.model_validate(dict(run_config))
+        except ValidationError as exc:
+            raise FederationConfigError("; ".join(_describe(e) for e in exc.errors())) from None
 
-        cfg = cls(
-            num_rounds=get("num-server-rounds", int, 3),  # type: ignore[arg-type]
-            local_epochs=get("local-epochs", int, 1),  # type: ignore[arg-type]
-            lr=get("lr", float, ROUND_LR),  # type: ignore[arg-type]
-            batch_size=get("batch-size", int, 32),  # type: ignore[arg-type]
-            fine_tune=str(run_config.get("fine-tune", "full")),
-            strategy=str(run_config.get("strategy", "fedavg")).lower(),
-            proximal_mu=get("proximal-mu", float, 0.0),  # type: ignore[arg-type]
-            run_dir=str(run_config.get("run-dir", "")),
-            registry_url=str(run_config.get("registry-url", "")),
-            registry_token_file=str(run_config.get("registry-token-file", "")),
-            registry_pubkey=str(run_config.get("registry-pubkey", "")),
-            registry_cacert=str(run_config.get("registry-cacert", "")),
-            signing_key=str(run_config.get("signing-key", "")),
-            out_dir=str(run_config.get("out-dir", "runs/federated")),
-            min_nodes=get("min-nodes", int, 2),  # type: ignore[arg-type]
-            min_round_nodes=get("min-round-nodes", int, 2),  # type: ignore[arg-type]
-            fraction_train=get("fraction-train", float, 1.0),  # type: ignore[arg-type]
-            round_timeout=get("round-timeout", float, 300.0),  # type: ignore[arg-type]
-            node_wait_timeout=get("node-wait-timeout", float, 300.0),  # type: ignore[arg-type]
-            route=str(run_config.get("route", "")),
-            seed=get("seed", int, 0),  # type: ignore[arg-type]
-            evaluate_start=_bool(run_config.get("evaluate-start", True), "evaluate-start"),
-        )
-        cfg.validate()
-        return cfg
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def _consistent(self) -> FederationConfig:
         problems = []
-        if self.num_rounds < 1:
-            problems.append("num-server-rounds must be >= 1")
-        if self.local_epochs < 1 or self.batch_size < 1:
-            problems.append("local-epochs and batch-size must be >= 1")
-        if not self.lr > 0:
-            problems.append("lr must be > 0")
-        if self.fine_tune not in ("full", "linear"):
-            problems.append(f"fine-tune must be 'full' or 'linear', got {self.fine_tune!r}")
         if self.strategy not in STRATEGIES:
             problems.append(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.strategy == "fedprox" and not self.proximal_mu > 0:
             problems.append("strategy 'fedprox' needs proximal-mu > 0")
-        if self.min_nodes < 1 or self.min_round_nodes < 1:
-            problems.append("min-nodes and min-round-nodes must be >= 1")
-        if not 0 < self.fraction_train <= 1:
-            problems.append("fraction-train must be in (0, 1]")
-        if not self.round_timeout > 0 or not self.node_wait_timeout > 0:
-            problems.append("round-timeout and node-wait-timeout must be > 0")
+        if self.strategy == "bulyan" and self.min_round_nodes < 4 * self.malicious_nodes + 3:
+            problems.append(f"strategy 'bulyan' with malicious-nodes {self.malicious_nodes} needs "
+                            f"min-round-nodes >= {4 * self.malicious_nodes + 3} (4f + 3)")
+        if self.head_rounds >= self.num_rounds and self.fine_tune == "full":
+            problems.append("head-rounds must be < num-server-rounds (the rest fine-tune fully)")
         if bool(self.run_dir) == bool(self.registry_url):
             problems.append("set exactly one of run-dir (a finished sdr-server train run) and "
                             "registry-url (a running sdr-server serve)")
@@ -124,7 +110,8 @@ class FederationConfig:
             problems.append("signing-key (Ed25519 private key from sdr-server keygen) is required "
                             "to sign the fine-tuned bundle")
         if problems:
-            raise FederationConfigError("; ".join(problems))
+            raise ValueError("; ".join(problems))
+        return self
 
     def fixed_route(self) -> tuple[int, ...] | None:
         """A route given in the config ('1,0,2,3' or '1-0-2-3'), bypassing signature routing."""
@@ -140,17 +127,30 @@ class FederationConfig:
                 from exc
 
     def registry_token(self) -> str:
-        if self.registry_token_file:
-            path = Path(self.registry_token_file).expanduser()
-            if not path.is_file():
-                raise FederationConfigError(f"registry-token-file {path} does not exist")
-            return path.read_text(encoding="utf-8").strip()
-        token = os.environ.get(TOKEN_ENV, "")
-        if not token:
-            raise FederationConfigError(f"registry-url needs registry-token-file or ${TOKEN_ENV}")
-        return token
+        """The registry token: registry-token-file, else $SDR_REGISTRY_TOKEN (one lookup rule
+        for every client of the registry: sdr_edge.registry_client.resolve_token)."""
+        from sdr_edge.registry_client import TokenError, resolve_token
+
+        try:
+            return resolve_token(None, self.registry_token_file or None,
+                                 file_label="registry-token-file",
+                                 hint=f"registry-url needs registry-token-file or ${TOKEN_ENV}")
+        except TokenError as exc:
+            raise FederationConfigError(str(exc)) from exc
 
     def train_config(self) -> dict[str, object]:
-        """The per-round local recipe sent to every node."""
+        """The local recipe every round sends (the strategy adds the round's lr and mode)."""
         return {"local-epochs": self.local_epochs, "lr": self.lr, "batch-size": self.batch_size,
-                "fine-tune": self.fine_tune}
+                "fine-tune": self.fine_tune, "bn": self.bn, "fedbn": self.fedbn,
+                "probe-init": self.probe_init,
+                "proximal-mu": self.proximal_mu if self.strategy == "fedprox" else 0.0}
+
+
+def _describe(error: Mapping) -> str:
+    """One pydantic error as 'run config KEY: problem (got VALUE)'."""
+    loc = ".".join(str(p) for p in error.get("loc", ()))
+    if error.get("type") == "extra_forbidden":
+        return f"run config {loc!r}: unknown key (see [tool.flwr.app.config] in pyproject.toml)"
+    if not loc:  # the model validator's own problems
+        return str(error.get("msg", "")).removeprefix("Value error, ")
+    return f"run config {loc!r}: cannot read {error.get('input')!r} ({error.get('msg')})"

@@ -13,11 +13,17 @@ from collections.abc import Mapping
 from functools import lru_cache
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from sdr_edge.federated.local import LocalTrainConfig, evaluate_local, train_local
 from sdr_edge.federated.node_data import NodeData, NodeDataConfig, NodeDataError, load_node_data
-from sdr_edge.federated.records import arrays_into_model, model_from_config, model_to_arrays
+from sdr_edge.federated.records import (
+    arrays_into_model,
+    batchnorm_keys,
+    model_from_config,
+    model_to_arrays,
+)
 from sdr_edge.training.finetune import ROUND_LR
 
 log = logging.getLogger(__name__)
@@ -28,6 +34,7 @@ METRICS = "metrics"
 SIGNATURE = "signature"
 NUM_EXAMPLES = "num-examples"
 FILES = "files"
+LOCAL_BN = "fedbn-local-batchnorm"  # node state: this node's own BatchNorm layers
 BUNDLE_ACTION = "bundle"  # message type "query.bundle": the signed fine-tuned bundle
 
 
@@ -50,7 +57,8 @@ def _config(content: RecordDict) -> ConfigRecord:
     return content.config_records[CONFIG]
 
 
-def query_task(content: RecordDict, node_config: Mapping[str, object]) -> RecordDict:
+def query_task(content: RecordDict, node_config: Mapping[str, object],
+               state: RecordDict | None = None) -> RecordDict:
     """The node's signature over all its local images, computed with the local kit."""
     from sdr_edge.routing.kit_runtime import KitError, KitRunner, compute_signature
 
@@ -78,10 +86,16 @@ def query_task(content: RecordDict, node_config: Mapping[str, object]) -> Record
     })
 
 
+def _flag(value: object) -> bool:
+    return str(value).lower() in ("true", "1", "yes")
+
+
 def train_config(config: Mapping[str, object]) -> LocalTrainConfig:
     """The round's local recipe from the server's ConfigRecord; unset keys take the recipe's
-    defaults (LocalTrainConfig). A node re-fits the shared head to its own data first (LP-FT
-    probe init) only when "probe-init" is true."""
+    defaults (LocalTrainConfig). The server's round schedule sets lr, warmup-fraction,
+    min-lr-fraction and fine-tune per round (sdr_edge.federated.strategy.RoundSchedule). A
+    node re-fits the shared head to its own data first (LP-FT probe init) only when
+    "probe-init" is true."""
     d = LocalTrainConfig()
     return LocalTrainConfig(
         epochs=int(config.get("local-epochs", 1)),  # type: ignore[arg-type]
@@ -90,28 +104,64 @@ def train_config(config: Mapping[str, object]) -> LocalTrainConfig:
         mode=str(config.get("fine-tune", d.mode)),
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
         seed=int(config.get("server-round", 0)),  # type: ignore[arg-type]
-        probe_init=str(config.get("probe-init", d.probe_init)).lower() in ("true", "1", "yes"),
+        probe_init=_flag(config.get("probe-init", d.probe_init)),
+        schedule=str(config.get("schedule", d.schedule)),
+        warmup_fraction=float(config.get("warmup-fraction", d.warmup_fraction)),  # type: ignore[arg-type]
+        min_lr_fraction=float(config.get("min-lr-fraction", d.min_lr_fraction)),  # type: ignore[arg-type]
+        bn=str(config.get("bn", d.bn)),
     )
 
 
-def train_task(content: RecordDict, node_config: Mapping[str, object]) -> RecordDict:
-    """Fine-tune the received sub-net + head on the node's training split."""
+def _load_local_bn(model: torch.nn.Module, state: RecordDict | None) -> bool:
+    """FedBN: put this node's own BatchNorm layers (kept from its last round) into `model`."""
+    if state is None or LOCAL_BN not in state.array_records:
+        return False
+    saved = state.array_records[LOCAL_BN]
+    own = model.state_dict()
+    with torch.no_grad():
+        for key, arr in saved.items():
+            own[key].copy_(torch.from_numpy(np.asarray(arr.numpy())).to(own[key].dtype))
+    return True
+
+
+def train_task(content: RecordDict, node_config: Mapping[str, object],
+               state: RecordDict | None = None) -> RecordDict:
+    """Fine-tune the received sub-net + head on the node's training split.
+
+    With "fedbn" (Li et al. 2021, FedBN) the node trains with its own BatchNorm layers (the
+    received ones only in its first round), keeps them in the run's node state, and sends
+    them only when the server asks ("send-bn", the last round, for the bundle's mean).
+    """
     config = _config(content)
     model, spec = model_from_config(config)
     arrays_into_model(model, content.array_records[ARRAYS])
+    fedbn = _flag(config.get("fedbn", False))
+    if fedbn:
+        _load_local_bn(model, state)
     data = node_data(node_config, spec.image_size, spec.channels)
     result = train_local(model, data.train.images, data.train.labels, spec, train_config(config),
                          progress=f"round {config.get('server-round', '?')}")
-    return RecordDict({ARRAYS: model_to_arrays(model),
+    arrays = model_to_arrays(model)
+    if fedbn:
+        bn, _ = batchnorm_keys(model)
+        if state is not None:
+            state[LOCAL_BN] = ArrayRecord({k: arrays[k] for k in bn})
+        if not _flag(config.get("send-bn", False)):
+            arrays = ArrayRecord({k: v for k, v in arrays.items() if k not in bn})
+    return RecordDict({ARRAYS: arrays,
                        METRICS: MetricRecord({"train-loss": float(result.loss),
                                               NUM_EXAMPLES: int(result.num_examples)})})
 
 
-def evaluate_task(content: RecordDict, node_config: Mapping[str, object]) -> RecordDict:
-    """Loss and accuracy of the received model on the node's held-out split."""
+def evaluate_task(content: RecordDict, node_config: Mapping[str, object],
+                  state: RecordDict | None = None) -> RecordDict:
+    """Loss and accuracy of the received model on the node's held-out split (under FedBN with
+    the node's own BatchNorm layers: the model this device would run)."""
     config = _config(content)
     model, spec = model_from_config(config)
     arrays_into_model(model, content.array_records[ARRAYS])
+    if _flag(config.get("fedbn", False)):
+        _load_local_bn(model, state)
     data = node_data(node_config, spec.image_size, spec.channels)
     result = evaluate_local(model, data.test.images, data.test.labels, spec)
     return RecordDict({METRICS: MetricRecord({"eval-loss": float(result.loss),
@@ -125,7 +175,8 @@ def bundle_record(files: Mapping[str, bytes]) -> RecordDict:
                                            for name, data in files.items()})})
 
 
-def receive_bundle_task(content: RecordDict, node_config: Mapping[str, object]) -> RecordDict:
+def receive_bundle_task(content: RecordDict, node_config: Mapping[str, object],
+                        state: RecordDict | None = None) -> RecordDict:
     """Keep the server's signed fine-tuned bundle in `bundle-dir` once it verifies.
 
     A node without `bundle-dir` in its node config keeps nothing (and says so); one with it

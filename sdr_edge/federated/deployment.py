@@ -21,10 +21,12 @@ import threading
 import time
 from pathlib import Path
 
+from sdr_edge.errors import SdrEdgeError
+
 BIN = Path(sys.executable).parent
 
 
-class FleetError(RuntimeError):
+class FleetError(SdrEdgeError, RuntimeError):
     """A Flower process did not start, connect or finish; the message carries its logs."""
 
 

@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from sdr_edge.data.sources import ImageSource, load_source
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.federated.partition import partition, train_test_split
 
 DEFAULT_TEST_FRACTION = 0.2
 
 
-class NodeDataError(ValueError):
+class NodeDataError(SdrEdgeError, ValueError):
     """The node's local data cannot be used (missing, empty, unreadable or unlabelled)."""
 
 

@@ -74,3 +74,18 @@ def model_from_config(config: Mapping[str, object]) -> tuple[SubnetModel, InputS
 
 def config_record(entries: Mapping[str, object]) -> ConfigRecord:
     return ConfigRecord(dict(entries))  # type: ignore[arg-type]
+
+
+def batchnorm_keys(model: torch.nn.Module) -> tuple[frozenset[str], frozenset[str]]:
+    """State keys of every BatchNorm layer (FedBN keeps them on the node), and the subset
+    that are running statistics (averaged, never moved by an adaptive server optimiser)."""
+    keys, stats = set(), set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            prefix = f"{name}." if name else ""
+            for key, value in module.state_dict().items():
+                if value.is_floating_point():
+                    keys.add(prefix + key)
+                    if key in ("running_mean", "running_var"):
+                        stats.add(prefix + key)
+    return frozenset(keys), frozenset(stats)

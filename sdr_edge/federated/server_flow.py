@@ -27,6 +27,7 @@ from sdr_edge.federated.client_tasks import BUNDLE_ACTION, METRICS, SIGNATURE, b
 from sdr_edge.federated.records import (
     arrays_into_model,
     arrays_nbytes,
+    batchnorm_keys,
     describe_model,
     model_to_arrays,
 )
@@ -216,7 +217,7 @@ def deliver_bundle(grid: Grid, bundle_dir: Path, timeout: float) -> dict[str, st
 
 
 def run_federation(grid: Grid, cfg: FederationConfig) -> dict:
-    """Route, fine-tune with FedAvg/FedProx, save the signed bundle; return the summary."""
+    """Route, fine-tune with the configured strategy, save the signed bundle; return the summary."""
     started = time.time()
     key_path = Path(cfg.signing_key).expanduser()
     if not key_path.is_file():
@@ -237,9 +238,8 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict:
     log.info("sub-net %s: %d bytes per transfer (whole SDRnet: %s)", list(start.route),
              arrays_nbytes(arrays), start.sdrnet_bytes)
 
-    strategy = make_strategy(cfg.strategy, cfg.min_round_nodes, cfg.fraction_train,
-                             cfg.proximal_mu, cfg.node_wait_timeout)
-    eval_config = ConfigRecord(dict(described))
+    strategy = make_strategy(cfg, *batchnorm_keys(model))
+    eval_config = ConfigRecord({**described, "fedbn": cfg.fedbn})
     train_config = ConfigRecord({**described, **cfg.train_config()})
     initial = (_evaluate_start(grid, strategy, arrays, ConfigRecord(dict(described)),
                                cfg.round_timeout) if cfg.evaluate_start else None)
@@ -258,6 +258,11 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict:
         "route": list(start.route),
         "strategy": cfg.strategy,
         "proximal_mu": cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+        "fedbn": cfg.fedbn,
+        "bundle_batchnorm": ("num-examples weighted mean of the nodes' own BatchNorm layers "
+                             "(sent in the last round)" if cfg.fedbn else "aggregated each round"),
+        "lr_schedule": cfg.lr_schedule,
+        "head_rounds": cfg.head_rounds,
         "fine_tune": cfg.fine_tune,
         "rounds": cfg.num_rounds,
         "local_epochs": cfg.local_epochs,
