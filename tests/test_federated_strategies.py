@@ -157,3 +157,17 @@ def test_run_config_refuses_unknown_keys_and_bad_values():
         FederationConfig.from_run_config({**base, "head-rounds": 3, "num-server-rounds": 3})
     cfg = FederationConfig.from_run_config({**base, "strategy": "FedAdam", "server-lr": 0.01})
     assert cfg.strategy == "fedadam" and cfg.server_lr == 0.01
+
+
+def test_pyproject_run_config_lists_every_key_with_the_models_default():
+    """Flower only accepts --run-config keys the app's pyproject declares; both must agree."""
+    import tomllib
+    from pathlib import Path
+
+    declared = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(
+    ))["tool"]["flwr"]["app"]["config"]
+    fields = {f.alias: name for name, f in FederationConfig.model_fields.items()}
+    assert set(declared) == set(fields)
+    defaults = FederationConfig(run_dir="r", signing_key="k")
+    loaded = FederationConfig.from_run_config({**declared, "run-dir": "r", "signing-key": "k"})
+    assert loaded == defaults

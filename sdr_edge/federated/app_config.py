@@ -50,6 +50,9 @@ class FederationConfig(BaseModel):
     min_lr_fraction: float = _field(0.05, "min-lr-fraction", ge=0, le=1)
     head_rounds: int = _field(0, "head-rounds", ge=0)  # first N rounds train the head only
     batch_size: int = _field(32, "batch-size", ge=1)
+    optimizer: Literal["adamw", "sgd"] = _field("adamw", "optimizer")  # the nodes' optimiser
+    backbone_lr_scale: float = _field(1.0, "backbone-lr-scale", gt=0, le=10)
+    weight_decay: float = _field(0.05, "weight-decay", ge=0)
     fine_tune: Literal["full", "linear"] = _field("full", "fine-tune")
     bn: Literal["train", "frozen"] = _field("train", "bn")
     fedbn: bool = _field(False, "fedbn")
@@ -142,6 +145,8 @@ class FederationConfig(BaseModel):
         """The local recipe every round sends (the strategy adds the round's lr and mode)."""
         return {"local-epochs": self.local_epochs, "lr": self.lr, "batch-size": self.batch_size,
                 "fine-tune": self.fine_tune, "bn": self.bn, "fedbn": self.fedbn,
+                "optimizer": self.optimizer, "backbone-lr-scale": self.backbone_lr_scale,
+                "weight-decay": self.weight_decay,
                 "probe-init": self.probe_init,
                 "proximal-mu": self.proximal_mu if self.strategy == "fedprox" else 0.0}
 

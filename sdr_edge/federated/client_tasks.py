@@ -109,6 +109,10 @@ def train_config(config: Mapping[str, object]) -> LocalTrainConfig:
         warmup_fraction=float(config.get("warmup-fraction", d.warmup_fraction)),  # type: ignore[arg-type]
         min_lr_fraction=float(config.get("min-lr-fraction", d.min_lr_fraction)),  # type: ignore[arg-type]
         bn=str(config.get("bn", d.bn)),
+        optimizer=str(config.get("optimizer", d.optimizer)),
+        backbone_lr_scale=float(config.get("backbone-lr-scale",  # type: ignore[arg-type]
+                                           d.backbone_lr_scale)),
+        weight_decay=float(config.get("weight-decay", d.weight_decay)),  # type: ignore[arg-type]
     )
 
 
