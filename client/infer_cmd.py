@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sdr_edge.export.metadata import MetadataError
+    from sdr_edge.artifacts.model_metadata import MetadataError
     from sdr_edge.inference.cuda_device import TensorRTUnavailable
     from sdr_edge.inference.model_file import ModelFileError
     from sdr_edge.inference.predict import infer_images

@@ -14,8 +14,8 @@ from fixtures_export import trained_digits
 
 from export.cli import main as export_main
 from sdr_edge.artifacts.atomic import sha256_file
+from sdr_edge.artifacts.model_metadata import ModelMetadata, engine_metadata_path, read_sidecar
 from sdr_edge.data.sources import load_source
-from sdr_edge.export.metadata import ModelMetadata, engine_metadata_path, read_sidecar
 from sdr_edge.export.onnx_export import attach_metadata
 from sdr_edge.export.parity import ParityError, raise_on_failure
 from sdr_edge.export.pipeline import ExportOptions, export_model

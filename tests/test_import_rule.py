@@ -87,3 +87,101 @@ def test_the_check_catches_a_cross_app_import(relpath, source, line):
 ])
 def test_allowed_imports_pass(relpath, source):
     assert violations(source, relpath) == []
+
+
+# -- export / inference layering ----------------------------------------------------------------
+# The device path (`sdr_edge.inference`) reads the model metadata that `sdr_edge.export` writes;
+# both take it from `sdr_edge.artifacts.model_metadata`, so inference never imports export (which
+# would drag torch and onnx onto a device). Export may use inference's runners: its parity checks
+# run the exported model through the very runtime code a device runs.
+def library_imports(source: str, module: str, is_package: bool = False) -> set[str]:
+    """The `sdr_edge` modules that `module`'s source imports, relative imports resolved."""
+    package = module if is_package else module.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(source)):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parts = parts[: len(parts) - (node.level - 1)]
+                base = ".".join([*parts, base] if base else parts)
+            # `from pkg import sub` may name a submodule: count both spellings
+            names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+        out.update(n for n in names if n.split(".", 1)[0] == LIBRARY)
+    return out
+
+
+def import_graph(root: Path, package: str) -> dict[str, set[str]]:
+    """module -> the modules of the same package it imports (any depth, lazy ones too)."""
+    files = {}
+    for path in sorted((root / package.replace(".", "/")).rglob("*.py")):
+        rel = path.relative_to(root).with_suffix("").as_posix().replace("/", ".")
+        is_package = rel.endswith(".__init__")
+        files[rel.removesuffix(".__init__")] = (path, is_package)
+    graph = {}
+    for module, (path, is_package) in files.items():
+        imported = library_imports(path.read_text(encoding="utf-8"), module, is_package)
+        graph[module] = {m for m in imported if m in files and m != module}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle in the graph (first module repeated at the end), or [] when none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt):], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return []
+
+
+def package_imports(package: str) -> dict[str, set[str]]:
+    """module of `package` -> every `sdr_edge` module it imports (any depth, lazy ones too)."""
+    out = {}
+    for path in sorted((ROOT / package.replace(".", "/")).rglob("*.py")):
+        module = path.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")
+        is_package = module.endswith(".__init__")
+        module = module.removesuffix(".__init__")
+        out[module] = library_imports(path.read_text(encoding="utf-8"), module, is_package)
+    return out
+
+
+def test_inference_never_imports_export_and_its_modules_form_no_cycle():
+    inference = import_graph(ROOT, "sdr_edge.inference")
+    assert {"sdr_edge.inference.runners", "sdr_edge.inference.trt_runner",
+            "sdr_edge.inference.base"} <= set(inference)  # the walk really sees the package
+    into_export = [f"{module} imports {name}"
+                   for module, names in package_imports("sdr_edge.inference").items()
+                   for name in sorted(names)
+                   if name == "sdr_edge.export" or name.startswith("sdr_edge.export.")]
+    assert not into_export, "inference imports export:\n" + "\n".join(into_export)
+    assert find_cycle(inference) == [], "import cycle in sdr_edge/inference"
+    # export -> inference is the allowed direction; the graph sees it (so the check is live)
+    assert any(name.startswith("sdr_edge.inference.")
+               for names in package_imports("sdr_edge.export").values() for name in names)
+
+
+def test_the_layering_checks_catch_a_cycle_and_relative_imports():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+    src = "def f():\n    from ..export import pipeline\n    from .base import Runner\n"
+    found = library_imports(src, "sdr_edge.inference.runners")
+    assert {"sdr_edge.export.pipeline", "sdr_edge.inference.base"} <= found
+    assert library_imports("from . import base\n", "sdr_edge.inference", is_package=True) == {
+        "sdr_edge.inference", "sdr_edge.inference.base"}

@@ -1,1 +1,2 @@
-"""Artifacts: atomic writes, safetensors weights, Ed25519 signing, bundles, run directories."""
+"""Artifacts: atomic writes, safetensors weights, Ed25519 signing, bundles, run directories,
+exported-model metadata."""

@@ -16,8 +16,8 @@ import onnx
 import torch
 from torch import nn
 
+from sdr_edge.artifacts.model_metadata import METADATA_KEY, ModelMetadata
 from sdr_edge.errors import SdrEdgeError
-from sdr_edge.export.metadata import METADATA_KEY, ModelMetadata
 
 MIN_OPSET = 18
 INPUT_NAME = "input"

@@ -21,17 +21,17 @@ from tqdm import tqdm
 
 from sdr_edge.artifacts.atomic import atomic_write, fsync_dir, sha256_bytes, sha256_file
 from sdr_edge.artifacts.bundle import MANIFEST, WEIGHTS, load_bundle_and_files
-from sdr_edge.artifacts.staging import check_replaceable_file
-from sdr_edge.data.preprocess import InputSpec, normalize_batch
-from sdr_edge.data.sources import ImageSource, load_source
-from sdr_edge.errors import SdrEdgeError
-from sdr_edge.export.metadata import (
+from sdr_edge.artifacts.model_metadata import (
     METADATA_FORMAT,
     PRECISIONS,
     ModelMetadata,
     sidecar_document,
     sidecar_path,
 )
+from sdr_edge.artifacts.staging import check_replaceable_file
+from sdr_edge.data.preprocess import InputSpec, normalize_batch
+from sdr_edge.data.sources import ImageSource, load_source
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.export.onnx_export import INPUT_NAME, attach_metadata, check_onnx, export_fp32
 from sdr_edge.export.parity import (
     FP32_ATOL,

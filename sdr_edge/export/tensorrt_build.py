@@ -22,15 +22,15 @@ import numpy as np
 import onnx
 
 from sdr_edge.artifacts.atomic import atomic_write_bytes, fsync_dir, sha256_file
-from sdr_edge.artifacts.staging import check_replaceable_file
-from sdr_edge.errors import SdrEdgeError
-from sdr_edge.export.metadata import (
+from sdr_edge.artifacts.model_metadata import (
     METADATA_KEY,
     MetadataError,
     ModelMetadata,
     engine_metadata_path,
     metadata_from_props,
 )
+from sdr_edge.artifacts.staging import check_replaceable_file
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.export.parity import (
     ParityCheck,
     cosine_check,

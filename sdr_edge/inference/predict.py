@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from sdr_edge.data.folder import IMAGE_SUFFIXES, decode_image, list_image_files
 from sdr_edge.data.preprocess import InputSpec, normalize_batch, prepare_uint8
-from sdr_edge.inference.runners import Runner
+from sdr_edge.inference.base import Runner
 
 
 @dataclass

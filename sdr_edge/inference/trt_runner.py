@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from sdr_edge.export.metadata import (
+from sdr_edge.artifacts.model_metadata import (
     MetadataError,
     ModelMetadata,
     engine_metadata_path,
     read_sidecar,
 )
+from sdr_edge.inference.base import iter_chunks
 from sdr_edge.inference.cuda_device import DeviceMemory, device_memory, require_tensorrt_and_gpu
-from sdr_edge.inference.runners import iter_chunks
 
 
 class TrtRunner:

@@ -1,8 +1,10 @@
 """What an exported model carries about itself: input spec, route, precision, provenance.
 
 The same JSON goes into the ONNX model's `metadata_props` (so the file alone is enough on a
-device) and into a sidecar `model.json` (readable without ONNX tooling). This module imports
-neither torch nor onnx: the inference path reads it back from ONNX Runtime's metadata map.
+device) and into a sidecar `model.json` (readable without ONNX tooling). It lives in the
+artifacts layer because `sdr_edge.export` writes it and `sdr_edge.inference` reads it: both
+import this module, and inference never imports export. It imports neither torch nor onnx:
+the inference path reads it back from ONNX Runtime's metadata map.
 """
 
 from __future__ import annotations
