@@ -1,6 +1,6 @@
 """Flower's strategies made safe for a fleet: bounded waits, refused updates, a round schedule.
 
-Every strategy is Flower's own (`flwr.serverapp.strategy`): FedAvg (McMahan et al. 2017),
+Every strategy is Flower's own (`flwr.serverapp.strategy`): FedAvg (McMahan et al. 2017), FedAvgM (Hsu et al. 2019),
 FedProx (Li et al. 2020), the adaptive server optimisers FedAdam and FedYogi (Reddi et al.
 2021, "Adaptive Federated Optimization"), and the robust aggregators FedTrimmedAvg and
 FedMedian (Yin et al. 2018), Krum / MultiKrum (Blanchard et al. 2017) and Bulyan (El Mhamdi
@@ -15,8 +15,8 @@ et al. 2018). `_Fleet` wraps each with what Flower leaves to the application:
   and the first `head_rounds` rounds may train the head alone (LP-FT across the fleet);
 * FedBN (Li et al. 2021): BatchNorm layers stay on the nodes; their updates are not averaged
   until the last round, whose weighted mean goes into the saved bundle;
-* FedAdam / FedYogi move BatchNorm running statistics by their plain weighted mean: an
-  adaptive step on a variance can drive it negative;
+* FedAdam / FedYogi / FedAvgM move BatchNorm running statistics by their plain weighted
+  mean: an adaptive or momentum step on a variance can drive it negative;
 * each round's replies, failures, refusals and bytes moved are recorded for the report.
 """
 
@@ -35,6 +35,7 @@ from flwr.serverapp.strategy import (
     Bulyan,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -251,7 +252,7 @@ class _Fleet:
             log.warning("round %d: only %d node(s) trained (min-round-nodes %d)", server_round,
                         len(usable), self.min_train_nodes)  # type: ignore[attr-defined]
         arrays, metrics = super().aggregate_train(server_round, usable)  # type: ignore[misc]
-        if arrays is not None and isinstance(self, FedAdam | FedYogi) and self.bn_stat_keys:
+        if arrays is not None and isinstance(self, FedAdam | FedYogi | FedAvgM) and self.bn_stat_keys:
             arrays = self._mean_statistics(arrays, usable)
         return arrays, metrics
 
@@ -293,6 +294,11 @@ def _with_content(msg: Message, content: RecordDict) -> Message:
 
 class FleetFedAvg(_Fleet, FedAvg):
     """FedAvg: the num-examples weighted mean of the nodes' weights."""
+
+
+class FleetFedAvgM(_Fleet, FedAvgM):
+    """FedAvgM (Hsu et al. 2019): server momentum over the mean update, which carries the
+    fleet's progress across rounds when label-skewed nodes pull in different directions."""
 
 
 class FleetFedProx(_Fleet, FedProx):
@@ -338,6 +344,8 @@ def make_strategy(cfg: FederationConfig, bn_keys: Iterable[str] = (),
     f = cfg.malicious_nodes
     builders = {
         "fedavg": lambda: FleetFedAvg(**common),
+        "fedavgm": lambda: FleetFedAvgM(server_learning_rate=cfg.server_lr,
+                                        server_momentum=cfg.server_momentum, **common),
         "fedprox": lambda: FleetFedProx(proximal_mu=cfg.proximal_mu, **common),
         "fedadam": lambda: FleetFedAdam(**adaptive, **common),
         "fedyogi": lambda: FleetFedYogi(**adaptive, **common),
