@@ -23,7 +23,7 @@ from pydantic import (
 from sdr_edge.errors import SdrEdgeError
 from sdr_edge.training.finetune import ROUND_LR
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedtrimmedavg", "fedmedian", "krum",
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedtrimmedavg", "fedmedian", "krum",
               "multikrum", "bulyan")
 ROBUST_STRATEGIES = ("fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan")
 TOKEN_ENV = "SDR_REGISTRY_TOKEN"
@@ -59,7 +59,8 @@ class FederationConfig(BaseModel):
     probe_init: bool = _field(False, "probe-init")
     strategy: str = _field("fedavg", "strategy")
     proximal_mu: float = _field(0.0, "proximal-mu", ge=0)
-    server_lr: float = _field(0.01, "server-lr", gt=0)  # FedAdam / FedYogi eta
+    server_lr: float = _field(0.01, "server-lr", gt=0)  # FedAdam / FedYogi eta, FedAvgM's rate
+    server_momentum: float = _field(0.9, "server-momentum", ge=0, lt=1)  # FedAvgM
     server_tau: float = _field(1e-3, "server-tau", gt=0)  # FedAdam / FedYogi adaptivity
     trim_beta: float = _field(0.25, "trim-beta", gt=0, lt=0.5)  # FedTrimmedAvg, each end
     malicious_nodes: int = _field(1, "malicious-nodes", ge=0)  # Krum / MultiKrum / Bulyan
