@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m server.demo --out runs/demo
+	$(PY) -m sdr_edge_server.demo --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

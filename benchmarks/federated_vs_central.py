@@ -42,7 +42,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from client.client_app import app  # noqa: E402
 from sdr_edge.artifacts.bundle import load_bundle  # noqa: E402
 from sdr_edge.artifacts.run_dir import load_sdrnet  # noqa: E402
 from sdr_edge.artifacts.signing import generate_keypair, load_public_key  # noqa: E402
@@ -54,6 +53,7 @@ from sdr_edge.federated.local_grid import LocalGrid, server_identity  # noqa: E4
 from sdr_edge.federated.node_data import NodeDataConfig, load_node_data  # noqa: E402
 from sdr_edge.federated.server_flow import run_federation  # noqa: E402
 from sdr_edge.models.classifier import SubnetModel  # noqa: E402
+from sdr_edge_client.client_app import app  # noqa: E402
 
 TASKS = {"footwear-3": "fashion-mnist:test@5,7,9", "fashion-10": "fashion-mnist:test",
          "tops-4": "fashion-mnist:test@0,2,4,6", "digits-10": "builtin:digits"}

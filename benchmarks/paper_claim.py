@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from server.cli import main
+from sdr_edge_server.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main(["bench", *sys.argv[1:]]))

@@ -19,8 +19,19 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from pydantic import (
+    AliasPath,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from sdr_edge.artifacts.atomic import atomic_write_text
 from sdr_edge.errors import SdrEdgeError
@@ -37,75 +48,135 @@ class AgentError(SdrEdgeError, RuntimeError):
     """A step cannot complete; the message says which and why."""
 
 
-@dataclass
-class AgentConfig:
-    """agent.toml, with paths resolved against the file's folder."""
+# TOML types reach the model as they are: `insecure = "yes"` is a mistake, not a true.
+_TYPE_ERRORS = {
+    "string_type": "must be a string", "bool_type": "must be true or false",
+    "float_type": "must be a number", "int_type": "must be an integer",
+    "dict_type": "must be a table", "is_instance_of": "must be a path (a string)",
+}  # fmt: skip
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">="}
+_DATA_SOURCES = ("builtin:", "fashion-mnist")  # `data` values that name a source, not a folder
 
-    data: str
-    state_dir: Path
-    registry_url: str
-    pubkey: Path
-    token: str = ""
-    token_file: Path | None = None
-    cacert: Path | None = None
-    dp_epsilon: float | None = None
-    superlink: str = ""
-    insecure: bool = False
-    root_certificates: Path | None = None
-    auth_key: Path | None = None
-    federation_pubkey: Path | None = None
-    node_config: dict = field(default_factory=dict)
-    timeout: float = 0.0
-    keep_serving: bool = False
-    supernode_bin: str = ""
+
+def _key(table: str, key: str) -> AliasPath:
+    """Where a field lives in agent.toml: `[table] key`."""
+    return AliasPath(table, key)
+
+
+class AgentConfig(BaseModel):
+    """agent.toml: `[agent]`, `[registry]`, `[federation]`; paths resolved against its folder.
+
+    Each field names its TOML key once (its alias) and carries its default once. Unknown tables
+    and keys are errors (a typo must not silently fall back to a default), values keep their
+    TOML type, and an empty string means "not set". `AgentConfig.load` turns every problem into
+    one line naming the file and the key.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_by_name=True,
+                              validate_by_alias=True)
+
+    data: str = Field(validation_alias=_key("agent", "data"))
+    state_dir: Path = Field(Path(".sdr-agent"), validation_alias=_key("agent", "state_dir"),
+                            validate_default=True)
+    dp_epsilon: float | None = Field(None, gt=0, validation_alias=_key("agent", "dp_epsilon"))
+    registry_url: str = Field(validation_alias=_key("registry", "url"))
+    pubkey: Path = Field(validation_alias=_key("registry", "pubkey"))
+    token: str = Field("", validation_alias=_key("registry", "token"))
+    token_file: Path | None = Field(None, validation_alias=_key("registry", "token_file"))
+    cacert: Path | None = Field(None, validation_alias=_key("registry", "cacert"))
+    superlink: str = Field("", validation_alias=_key("federation", "superlink"))
+    insecure: bool = Field(False, validation_alias=_key("federation", "insecure"))
+    root_certificates: Path | None = Field(
+        None, validation_alias=_key("federation", "root_certificates"))
+    auth_key: Path | None = Field(None, validation_alias=_key("federation", "auth_key"))
+    federation_pubkey: Path | None = Field(None, validation_alias=_key("federation", "pubkey"))
+    node_config: dict[str, Any] = Field(default_factory=dict,
+                                        validation_alias=_key("federation", "node_config"))
+    timeout: float = Field(0.0, ge=0, validation_alias=_key("federation", "timeout"))
+    keep_serving: bool = Field(False, validation_alias=_key("federation", "keep_serving"))
+    supernode_bin: str = Field("", validation_alias=_key("federation", "supernode_bin"))
+
+    @field_validator("state_dir", "pubkey", "token_file", "cacert", "root_certificates",
+                     "auth_key", "federation_pubkey", mode="before")
+    @classmethod
+    def _resolve_path(cls, v: object, info: ValidationInfo) -> object:
+        """A path from the file is relative to the file's folder (context `base`)."""
+        if isinstance(v, str):
+            v = Path(v).expanduser()
+        base = (info.context or {}).get("base")
+        return (base / v).resolve() if isinstance(v, Path) and base is not None else v
+
+    @field_validator("data")
+    @classmethod
+    def _resolve_data(cls, v: str, info: ValidationInfo) -> str:
+        base = (info.context or {}).get("base")
+        if base is None or v.startswith(_DATA_SOURCES):
+            return v
+        return str((base / Path(v).expanduser()).resolve())
+
+    @field_validator("dp_epsilon", mode="before")
+    @classmethod
+    def _zero_is_off(cls, v: object) -> object:
+        return None if v == 0 and not isinstance(v, bool) else v
+
+    @field_validator("node_config")
+    @classmethod
+    def _scalars(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """Flower's --node-config takes key=value pairs of TOML scalars."""
+        bad = [k for k, x in v.items() if not isinstance(x, str | int | float | bool)]
+        if bad:
+            raise ValueError(f"values must be strings, numbers or booleans ({', '.join(bad)})")
+        return v
+
+    @model_validator(mode="after")
+    def _tls_or_insecure(self) -> AgentConfig:
+        if self.superlink and not self.insecure and self.root_certificates is None:
+            raise ValueError("federation.root_certificates is needed for TLS "
+                             "(or insecure = true on a trusted network)")
+        return self
+
+    @classmethod
+    def file_keys(cls) -> dict[str, dict[str, str]]:
+        """table -> TOML key -> field name, read from the fields' aliases."""
+        out: dict[str, dict[str, str]] = {}
+        for name, info in cls.model_fields.items():
+            table, key = info.validation_alias.path  # type: ignore[union-attr]
+            out.setdefault(str(table), {})[str(key)] = name
+        return out
 
     @classmethod
     def load(cls, path: str | Path) -> AgentConfig:
+        """Read and validate agent.toml; every problem is one line naming the file and key."""
         path = Path(path)
         if not path.is_file():
             raise AgentError(f"agent config {path} does not exist")
         try:
             doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise AgentError(f"{path}: not a TOML text file (byte {exc.start} is not "
+                             "UTF-8)") from None
         except tomllib.TOMLDecodeError as exc:
             raise AgentError(f"{path} is not valid TOML: {exc}") from exc
-        base = path.parent
-
-        def p(v: object) -> Path | None:
-            return None if v in (None, "") else (base / Path(str(v)).expanduser()).resolve()
-
-        agent, reg, fed = doc.get("agent", {}), doc.get("registry", {}), doc.get("federation", {})
-        missing = [k for k, v in (("agent.data", agent.get("data")),
-                                  ("registry.url", reg.get("url")),
-                                  ("registry.pubkey", reg.get("pubkey"))) if not v]
-        if missing:
-            raise AgentError(f"{path}: missing {', '.join(missing)}")
-        data = str(agent["data"])
-        if not data.startswith(("builtin:", "fashion-mnist")):
-            data = str(p(data))
-        eps = agent.get("dp_epsilon")
-        cfg = cls(
-            data=data,
-            state_dir=p(agent.get("state_dir", ".sdr-agent")),  # type: ignore[arg-type]
-            registry_url=str(reg["url"]),
-            pubkey=p(reg["pubkey"]),  # type: ignore[arg-type]
-            token=str(reg.get("token", "")),
-            token_file=p(reg.get("token_file")),
-            cacert=p(reg.get("cacert")),
-            dp_epsilon=float(eps) if eps else None,
-            superlink=str(fed.get("superlink", "")),
-            insecure=bool(fed.get("insecure", False)),
-            root_certificates=p(fed.get("root_certificates")),
-            auth_key=p(fed.get("auth_key")),
-            federation_pubkey=p(fed.get("pubkey")),
-            node_config=dict(fed.get("node_config", {})),
-            timeout=float(fed.get("timeout", 0.0)),
-            keep_serving=bool(fed.get("keep_serving", False)),
-            supernode_bin=str(fed.get("supernode_bin", "")),
-        )
-        if cfg.superlink and not cfg.insecure and cfg.root_certificates is None:
-            raise AgentError(f"{path}: federation.root_certificates is needed for TLS "
-                             "(or insecure = true on a trusted network)")
-        return cfg
+        problems, tables = [], cls.file_keys()
+        for table, values in doc.items():
+            if table not in tables:
+                problems.append(f"unknown table [{table}] (known: {', '.join(tables)})")
+            elif not isinstance(values, dict):
+                problems.append(f"{table} must be a table ([{table}]), got {values!r}")
+            else:
+                problems += [f"unknown key {key!r} in [{table}] (known: "
+                             f"{', '.join(tables[table])})" for key in values
+                             if key not in tables[table]]
+        if not problems:
+            # an empty string means "not set": the default applies, a required key is missing
+            doc = {t: {k: v for k, v in values.items() if v != ""} for t, values in doc.items()}
+            doc = {t: values for t, values in doc.items() if values}
+            try:
+                return cls.model_validate(doc, context={"base": path.parent}, by_alias=True,
+                                          by_name=False)
+            except ValidationError as exc:
+                problems = _describe(exc)
+        raise AgentError("\n".join(f"{path}: {line}" for line in problems))
 
     def registry_token(self) -> str:
         """registry.token, else registry.token_file, else $SDR_REGISTRY_TOKEN (one rule)."""
@@ -130,6 +201,27 @@ class AgentConfig:
     @property
     def finetuned_dir(self) -> Path:
         return self.state_dir / "finetuned"
+
+
+def _describe(exc: ValidationError) -> list[str]:
+    """The model's errors as lines naming `table.key`; the missing keys share one line."""
+    missing, lines = [], []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        kind = error["type"]
+        if kind == "missing":
+            missing.append(where)
+        elif kind in _TYPE_ERRORS:
+            lines.append(f"{where} {_TYPE_ERRORS[kind]}, got {error['input']!r}")
+        elif kind in _BOUNDS:
+            bound = error["ctx"]["gt" if kind == "greater_than" else "ge"]
+            lines.append(f"{where} must be {_BOUNDS[kind]} {bound}, got {error['input']!r}")
+        elif kind == "value_error":
+            msg = str(error["ctx"]["error"]) if "ctx" in error else error["msg"]
+            lines.append(f"{where} {msg}" if where else msg)
+        else:
+            lines.append(f"{where}: {error['msg']}" if where else error["msg"])
+    return ([f"missing {', '.join(missing)}"] if missing else []) + lines
 
 
 def _fingerprint(*parts: object) -> str:

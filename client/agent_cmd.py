@@ -27,8 +27,9 @@ def _raise_on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler s
 
 
 def run(args: argparse.Namespace) -> int:
-    from client.agent import Agent, AgentConfig, AgentError
     from sdr_edge.registry_client import RegistryError
+
+    from .agent import Agent, AgentConfig, AgentError
 
     logging.getLogger("sdr_edge").setLevel(logging.INFO)
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)  # stop cleanly on SIGTERM too

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from sdr_edge.cli import run_cli
 
+# Module names from this package's own name (repository layout or installed name).
 COMMANDS = {
-    "signature": "client.signature_cmd",
-    "fetch": "client.fetch_cmd",
-    "prune": "client.prune_cmd",
-    "agent": "client.agent_cmd",
-    "infer": "client.infer_cmd",
+    "signature": f"{__package__}.signature_cmd",
+    "fetch": f"{__package__}.fetch_cmd",
+    "prune": f"{__package__}.prune_cmd",
+    "agent": f"{__package__}.agent_cmd",
+    "infer": f"{__package__}.infer_cmd",
 }
 
 

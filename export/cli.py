@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from sdr_edge.cli import run_cli
 
+# Module names from this package's own name (repository layout or installed name).
 COMMANDS = {
-    "onnx": "export.onnx_cmd",
-    "trt": "export.trt_cmd",
+    "onnx": f"{__package__}.onnx_cmd",
+    "trt": f"{__package__}.trt_cmd",
 }
 
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from sdr_edge.cli import run_cli
 
+# Module names from this package's own name: `server.x` when run from the repository
+# (the Flower FAB's layout), `sdr_edge_server.x` when installed.
 COMMANDS = {
-    "train": "server.train_cmd",
-    "keygen": "server.keygen_cmd",
-    "token": "server.token_cmd",
-    "serve": "server.serve_cmd",
-    "route-eval": "server.route_eval_cmd",
-    "bench": "server.bench_cmd",
-    "fleet-keys": "server.fleet_cmd",
+    "train": f"{__package__}.train_cmd",
+    "keygen": f"{__package__}.keygen_cmd",
+    "token": f"{__package__}.token_cmd",
+    "serve": f"{__package__}.serve_cmd",
+    "route-eval": f"{__package__}.route_eval_cmd",
+    "bench": f"{__package__}.bench_cmd",
+    "fleet-keys": f"{__package__}.fleet_cmd",
 }
 
 

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         procs.close()
     summary["total_seconds"] = time.perf_counter() - t_start
-    from server.demo_report import print_summary, write_demo_report
+    from .demo_report import print_summary, write_demo_report
 
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     index = write_demo_report(out, summary)
@@ -183,7 +183,7 @@ def pipeline(out: Path, config: Path, rounds: int, procs: Processes, logs: Path)
     summary["clients"] = clients
 
     say("4/7 federated fine-tuning: SuperLink + 2 SuperNodes on loopback, FedAvg")
-    from server.demo_federation import FederationFailed, run_federation
+    from .demo_federation import FederationFailed, run_federation
 
     try:
         summary["federation"] = timed("federation", lambda: run_federation(

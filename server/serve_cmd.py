@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 from sdr_edge.cli import CommandError
-from server.registry.limits import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS
+
+from .registry.limits import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,9 +67,10 @@ def run(args: argparse.Namespace) -> int:
 
     from sdr_edge.artifacts.run_dir import RunDirError
     from sdr_edge.artifacts.signing import SignatureError
-    from server.registry.app import ENV_PREFIX, create_app
-    from server.registry.auth import TokenFileError
-    from server.registry.limits import header_limited_protocol
+
+    from .registry.app import ENV_PREFIX, create_app
+    from .registry.auth import TokenFileError
+    from .registry.limits import header_limited_protocol
 
     torch.set_num_threads(1)  # extraction is tiny; leave the cores to request handling
     # a bounded request head, answered with 431 before the app (and so auth) runs
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                                ENV_PREFIX + "MAX_BODY": str(args.max_body_bytes),
                                ENV_PREFIX + "MAX_HEADER_BYTES": str(args.max_header_bytes),
                                ENV_PREFIX + "MAX_HEADERS": str(args.max_headers)})
-            uvicorn.run("server.registry.app:app_from_env", factory=True,
+            uvicorn.run(f"{__package__}.registry.app:app_from_env", factory=True,
                         workers=args.workers, **options)
     except (RunDirError, TokenFileError, SignatureError) as exc:
         raise CommandError(str(exc)) from exc

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.registry.auth import TokenFileError, create_token
+    from .registry.auth import TokenFileError, create_token
 
     if args.tokens.is_symlink() or (args.tokens.exists() and not args.tokens.is_file()):
         raise CommandError(f"--tokens {args.tokens} is not a regular file; refusing to replace it")

@@ -51,7 +51,7 @@ class Registry:
 def make_credentials(folder: Path) -> tuple[Path, Path, Path, str]:
     """server.key / server.pub / tokens.txt in `folder`, and one token."""
     from sdr_edge.artifacts.signing import generate_keypair
-    from server.registry.auth import create_token
+    from sdr_edge_server.registry.auth import create_token
 
     folder.mkdir(parents=True, exist_ok=True)
     generate_keypair(folder / "server.key", folder / "server.pub")
@@ -87,7 +87,7 @@ def serve_registry(run_dir: Path, workdir: Path, extra_args: tuple[str, ...] = (
     port = free_port()
     cache = workdir / "cache"
     log_path = workdir / f"serve-{port}.log"
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--run", str(run_dir), "--host",
+    cmd = [sys.executable, "-m", "sdr_edge_server.cli", "serve", "--run", str(run_dir), "--host",
            "127.0.0.1", "--port", str(port), "--tokens", str(tokens), "--key", str(key),
            "--cache-dir", str(cache), *extra_args]
     if tls is not None:

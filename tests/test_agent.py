@@ -11,11 +11,11 @@ import pytest
 from helpers_flower import federation_assets
 from helpers_registry import serve_registry
 
-from client.agent import STATE_FILE, AgentConfig, AgentError
-from client.cli import main as client_main
 from sdr_edge.artifacts.bundle import load_bundle
 from sdr_edge.artifacts.signing import load_public_key
 from sdr_edge.routing.signature import Signature
+from sdr_edge_client.agent import STATE_FILE, AgentConfig, AgentError
+from sdr_edge_client.cli import main as client_main
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +109,54 @@ def test_agent_config_errors_are_clear(registry, tmp_path):
     (tmp_path / "state" / STATE_FILE).write_text("{broken")
     write_config(config, registry, "builtin:digits")
     assert client_main(["agent", "--config", str(config)]) == 2
+
+
+def test_agent_config_resolves_paths_against_its_folder_and_defaults_once(tmp_path):
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    config = folder / "agent.toml"
+    config.write_text('[agent]\ndata = "images"\ndp_epsilon = 0\n\n'
+                      '[registry]\nurl = "https://r:8443"\npubkey = "server.pub"\n'
+                      'token_file = ""\ncacert = "ca.crt"\n\n'
+                      '[federation]\nsuperlink = "h:9092"\ninsecure = true\ntimeout = 5\n'
+                      'node_config = { partition-id = 1, alpha = 0.5 }\n')
+    cfg = AgentConfig.load(config)
+    assert cfg.data == str(folder / "images")  # a folder, relative to the config file
+    assert cfg.state_dir == folder / ".sdr-agent"  # the default, resolved the same way
+    assert cfg.pubkey == folder / "server.pub" and cfg.cacert == folder / "ca.crt"
+    assert cfg.token_file is None and cfg.token == ""  # an empty string is "not set"
+    assert cfg.dp_epsilon is None  # 0 turns the private signature off
+    assert cfg.timeout == 5.0 and isinstance(cfg.timeout, float)
+    assert cfg.node_config == {"partition-id": 1, "alpha": 0.5}
+    assert (cfg.federation_pubkey, cfg.keep_serving, cfg.supernode_bin) == (None, False, "")
+    config.write_text('[agent]\ndata = "builtin:digits"\n[registry]\nurl = "u"\npubkey = "k"\n')
+    assert AgentConfig.load(config).data == "builtin:digits"  # a source name stays a name
+
+
+AGENT = '[agent]\ndata = "builtin:digits"\n'
+REGISTRY = '[registry]\nurl = "u"\npubkey = "k"\n'
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ('[agent]\ndata = "x"\nstate = "s"\n' + REGISTRY,
+     "unknown key 'state' in [agent] (known: data, state_dir, dp_epsilon)"),
+    (AGENT + REGISTRY + "[registy]\nurl = 'u'\n",
+     "unknown table [registy] (known: agent, registry, federation)"),
+    (AGENT + REGISTRY + '[federation]\ninsecure = "yes"\n',
+     "federation.insecure must be true or false, got 'yes'"),
+    (AGENT + REGISTRY + "[federation]\ntimeout = -1\n", "federation.timeout must be >= 0.0, got -1"),
+    (AGENT + "dp_epsilon = -2.0\n" + REGISTRY, "agent.dp_epsilon must be > 0.0, got -2.0"),
+    ("[agent]\ndata = 3\n" + REGISTRY, "agent.data must be a string, got 3"),
+    (AGENT + '[registry]\nurl = "u"\npubkey = 1\n',
+     "registry.pubkey must be a path (a string), got 1"),
+    (AGENT + REGISTRY + "[federation]\nnode_config = { a = { b = 1 } }\n",
+     "federation.node_config values must be strings, numbers or booleans (a)"),
+    ("agent = 1\n" + REGISTRY, "agent must be a table ([agent]), got 1"),
+    (AGENT + '[registry]\nurl = ""\npubkey = "k"\n', "missing registry.url"),
+])
+def test_agent_config_refuses_each_mistake_in_one_line_naming_file_and_key(tmp_path, text, line):
+    config = tmp_path / "agent.toml"
+    config.write_text(text)
+    with pytest.raises(AgentError) as info:
+        AgentConfig.load(config)
+    assert str(info.value) == f"{config}: {line}"

@@ -116,7 +116,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 
 def cli(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.cli", "train", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "sdr_edge_server.cli", "train", *map(str, args)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -248,7 +248,7 @@ def test_manifest_skips_hidden_and_tmp_entries(tmp_path):
 # ----- --out and --config that must be refused -------------------------------------------
 
 def _main(capsys, *args: str | Path) -> tuple[int, str]:
-    from server.cli import main
+    from sdr_edge_server.cli import main
 
     code = main(["train", *map(str, args)])
     return code, capsys.readouterr().err

@@ -20,7 +20,8 @@ from sdr_edge.registry_client import TOKEN_ENV, RegistryError, TokenError, resol
 from sdr_edge.routing.route_ids import RouteIdError, format_route_id, parse_route_id
 
 REPO = Path(__file__).resolve().parents[1]
-PROGRAMS = {"sdr-server": "server.cli", "sdr-client": "client.cli", "sdr-export": "export.cli"}
+PROGRAMS = {"sdr-server": "sdr_edge_server.cli", "sdr-client": "sdr_edge_client.cli",
+            "sdr-export": "sdr_edge_export.cli"}
 
 
 # -- --help -------------------------------------------------------------------------------------
@@ -29,6 +30,8 @@ def test_help_lists_every_command_with_its_summary_without_importing_them(prog, 
     """In a fresh interpreter: every command has its docstring's first line in --help, and
     neither a command module nor torch was imported to produce it."""
     commands = importlib.import_module(cli_module).COMMANDS
+    package = cli_module.rpartition(".")[0]  # the installed name: the table follows it
+    assert all(m.startswith(f"{package}.") for m in commands.values()), commands
     script = textwrap.dedent(f"""
         import sys
         from {cli_module} import main
@@ -53,14 +56,14 @@ def test_help_lists_every_command_with_its_summary_without_importing_them(prog, 
 
 
 def test_summary_is_the_imported_docstrings_first_line():
-    import client.signature_cmd as light
+    import sdr_edge_client.signature_cmd as light
 
-    assert command_summary("client.signature_cmd") == light.__doc__.strip().splitlines()[0]
+    assert command_summary("sdr_edge_client.signature_cmd") == light.__doc__.strip().splitlines()[0]
     assert command_summary("no_such_module_xyz") == ""
 
 
 def test_chosen_command_still_gets_its_full_help(capsys):
-    from client.cli import main
+    from sdr_edge_client.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["fetch", "--help"])
@@ -156,7 +159,7 @@ def test_no_token_anywhere_says_how_to_give_one():
 
 
 def test_agent_uses_the_same_lookup(tmp_path, monkeypatch):
-    from client.agent import AgentConfig
+    from sdr_edge_client.agent import AgentConfig
 
     monkeypatch.setenv(TOKEN_ENV, "from-env")
     (tmp_path / "tok").write_text("from-file\n")
@@ -171,7 +174,7 @@ def test_agent_uses_the_same_lookup(tmp_path, monkeypatch):
 
 
 def test_fetch_without_a_token_is_one_line(tmp_path, monkeypatch, capsys):
-    from client.cli import main
+    from sdr_edge_client.cli import main
 
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     rc = main(["fetch", "--server", "http://127.0.0.1:9", "--route", "1-0", "--pubkey",
@@ -207,7 +210,7 @@ def test_route_ids_refused(text, kwargs, message):
 
 def test_route_ids_of_server_client_and_config_are_the_same_parser():
     from sdr_edge.federated.app_config import FederationConfig, FederationConfigError
-    from server.registry import route_ids as server_ids
+    from sdr_edge_server.registry import route_ids as server_ids
 
     assert server_ids.parse_route_id is parse_route_id
     cfg = FederationConfig.fixed_route

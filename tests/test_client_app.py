@@ -11,7 +11,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from helpers_flower import digits_node, federation_assets
 
-from client.client_app import NODE_DATA_ERROR, app
 from sdr_edge.artifacts.bundle import load_bundle
 from sdr_edge.artifacts.run_dir import load_sdrnet
 from sdr_edge.artifacts.signing import load_public_key
@@ -23,6 +22,7 @@ from sdr_edge.federated.server_flow import run_federation
 from sdr_edge.federated.strategy import FederationError
 from sdr_edge.models.classifier import SubnetModel
 from sdr_edge.routing.signature import Signature
+from sdr_edge_client.client_app import NODE_DATA_ERROR, app
 
 ROUTE = (1, 2, 0, 3)
 

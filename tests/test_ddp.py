@@ -50,7 +50,7 @@ def test_two_gloo_ranks_end_with_identical_weights(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "server.cli", "train", "--config", str(config), "--out", str(out)],
+         "-m", "sdr_edge_server.cli", "train", "--config", str(config), "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("sdr run finished") == 1  # only rank 0 reports

@@ -53,7 +53,7 @@ class Refuse:
             raise ModuleNotFoundError(f"{name} is not part of a device install", name=name)
         return None
 sys.meta_path.insert(0, Refuse())
-from client.cli import main
+from sdr_edge_client.cli import main
 try:
     rc = main(sys.argv[2:])
 finally:

@@ -18,7 +18,6 @@ from fixtures_export import (
     write_digit_pngs,
 )
 
-from export.cli import main as export_main
 from sdr_edge.artifacts.atomic import sha256_file
 from sdr_edge.artifacts.model_metadata import ModelMetadata, metadata_from_props, read_sidecar
 from sdr_edge.artifacts.signing import load_public_key
@@ -26,6 +25,7 @@ from sdr_edge.data.preprocess import normalize_batch
 from sdr_edge.data.sources import load_source
 from sdr_edge.export.pipeline import ExportOptions, export_bundle
 from sdr_edge.inference.runners import OrtRunner
+from sdr_edge_export.cli import main as export_main
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from fixtures_export import trained_digits
 
-from export.cli import main as export_main
 from sdr_edge.artifacts.atomic import sha256_file
 from sdr_edge.artifacts.model_metadata import ModelMetadata, engine_metadata_path, read_sidecar
 from sdr_edge.data.sources import load_source
@@ -36,6 +35,7 @@ from sdr_edge.inference.cuda_device import (
     missing_message,
     tensorrt_module,
 )
+from sdr_edge_export.cli import main as export_main
 
 _TRT, _TRT_ERROR = tensorrt_module()
 _GPU, _GPU_NOTE = find_nvidia_gpu()
@@ -194,9 +194,9 @@ def test_engine_checks_use_the_precision_tolerance():
 @pytest.mark.skipif(not (HAVE_TRT and HAVE_GPU), reason=SKIP_REASON)
 @pytest.mark.parametrize("which", ["fp32", "int8_tensorrt"])
 def test_build_run_and_compare_an_engine(onnx_models, tmp_path, capsys, which):
-    from client.cli import main as client_main
     from sdr_edge.inference.runners import OrtRunner
     from sdr_edge.inference.trt_runner import TrtRunner
+    from sdr_edge_client.cli import main as client_main
 
     out = tmp_path / f"{which}.engine"
     cache = tmp_path / "timing.cache"

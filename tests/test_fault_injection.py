@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.cli import main as client_main
-from export.cli import main as export_main
 from sdr_edge.artifacts.bundle import BundleError, load_bundle, verify_bundle, write_bundle
 from sdr_edge.artifacts.signing import generate_keypair, load_private_key, load_public_key
 from sdr_edge.artifacts.staging import OutputError, check_replaceable_dir, publish_dir
@@ -31,7 +29,9 @@ from sdr_edge.artifacts.transfer import (
 )
 from sdr_edge.data import InputSpec
 from sdr_edge.models import Backbone, BackboneConfig, SubnetModel
-from server.cli import main as server_main
+from sdr_edge_client.cli import main as client_main
+from sdr_edge_export.cli import main as export_main
+from sdr_edge_server.cli import main as server_main
 
 SPEC = InputSpec(16, 1, (0.3,), (0.3,), tuple("0123456789"))
 FOREIGN = {"photo.jpg": b"\xff\xd8\xff\xe0 a holiday photo", "notes.txt": b"my notes\n"}
@@ -228,7 +228,7 @@ def test_trt_engine_out_rule(tmp_path):
 
 
 def _agent_config(tmp_path: Path, state_dir: Path, pub: Path):
-    from client.agent import AgentConfig
+    from sdr_edge_client.agent import AgentConfig
 
     text = (f'[agent]\ndata = "builtin:digits"\nstate_dir = "{state_dir}"\n'
             f'[registry]\nurl = "http://127.0.0.1:9"\npubkey = "{pub}"\ntoken = "t"\n')
@@ -237,7 +237,7 @@ def _agent_config(tmp_path: Path, state_dir: Path, pub: Path):
 
 
 def test_agent_state_dir_foreign_refused_restart_keeps_the_marker(tmp_path, keys, capsys):
-    from client.agent import STATE_FILE, Agent, AgentError
+    from sdr_edge_client.agent import STATE_FILE, Agent, AgentError
 
     state = foreign_folder(tmp_path / "photos")
     _agent_config(tmp_path, state, keys["server_pub"])

@@ -14,7 +14,6 @@ import torch
 from flwr.app import Array, ArrayRecord
 from helpers_flower import digits_node, federation_assets
 
-from client.client_app import app
 from sdr_edge.artifacts.bundle import load_bundle
 from sdr_edge.artifacts.signing import load_public_key
 from sdr_edge.federated.app_config import STRATEGIES, FederationConfig, FederationConfigError
@@ -23,6 +22,7 @@ from sdr_edge.federated.client_tasks import LOCAL_BN
 from sdr_edge.federated.local_grid import LocalGrid, server_identity
 from sdr_edge.federated.server_flow import run_federation
 from sdr_edge.federated.strategy import RefusedUpdate, RoundSchedule, check_update
+from sdr_edge_client.client_app import app
 
 ROUTE = "1,2,0,3"
 

@@ -18,11 +18,11 @@ import pytest
 from helpers_flower import Fleet, digits_node, federation_assets
 from helpers_registry import serve_registry
 
-from client.agent import STATE_FILE
 from sdr_edge.artifacts.bundle import load_bundle
 from sdr_edge.artifacts.signing import load_public_key
 from sdr_edge.federated.local import evaluate_local
 from sdr_edge.federated.node_data import NodeDataConfig, load_node_data
+from sdr_edge_client.agent import STATE_FILE
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

@@ -17,7 +17,7 @@ from helpers_flower import CONNECTION, Fleet, digits_node, federation_assets
 
 from sdr_edge.artifacts.bundle import load_bundle
 from sdr_edge.artifacts.signing import load_public_key
-from server.cli import main as server_main
+from sdr_edge_server.cli import main as server_main
 
 BIN = Path(sys.executable).parent
 

@@ -19,7 +19,6 @@ from cryptography.x509.oid import NameOID
 from helpers_registry import make_credentials, serve_registry
 from helpers_rundir import TINY_BRANCHING, TINY_SPEC, shared_tiny_run
 
-from client.cli import main as client_main
 from sdr_edge.artifacts import bundle as bundle_mod
 from sdr_edge.artifacts import transfer
 from sdr_edge.artifacts.bundle import load_bundle
@@ -28,7 +27,8 @@ from sdr_edge.artifacts.signing import load_public_key
 from sdr_edge.artifacts.transfer import TransferError, pack_files, unpack_files
 from sdr_edge.registry_client import RegistryError, fetch_bundle, get_kit, post_route
 from sdr_edge.routing.signature import route_signature, run_id_of
-from server.cli import main as server_main
+from sdr_edge_client.cli import main as client_main
+from sdr_edge_server.cli import main as server_main
 
 SIG = {"format": "sdr-signature", "version": 1, "branching": list(TINY_BRANCHING),
        "levels": [[0.1, 0.6, 0.2, 0.1], [0.1, 0.1, 0.1, 0.7], [0.5, 0.2, 0.2, 0.1],
@@ -205,7 +205,7 @@ def test_token_and_keygen_commands(tmp_path, capsys):
     assert server_main(["token", "--tokens", str(tokens), "--name", "edge-1"]) == 2
     assert "already has a token named 'edge-1'" in capsys.readouterr().err
     assert server_main(["token", "--tokens", str(tokens), "--name", "../x"]) == 2
-    from server.registry.auth import TokenStore
+    from sdr_edge_server.registry.auth import TokenStore
 
     store = TokenStore.load(tokens)
     assert store.check(token) == "edge-1" and store.check(token + "x") is None
@@ -265,7 +265,7 @@ def test_tls_serving_with_a_self_signed_certificate(tmp_path_factory, tmp_path, 
 
 def test_top_routes_agree_with_score_routes():
     from sdr_edge.routing.signature import Signature, score_routes
-    from server.registry.scoring import TopRoutes
+    from sdr_edge_server.registry.scoring import TopRoutes
 
     rng = np.random.default_rng(0)
     top = TopRoutes((4, 3, 5))
@@ -284,7 +284,7 @@ def test_create_app_names_what_is_missing(tmp_path):
     from helpers_registry import make_credentials
 
     from sdr_edge.artifacts.run_dir import RunDirError
-    from server.registry.app import create_app
+    from sdr_edge_server.registry.app import create_app
 
     key, _, tokens, _ = make_credentials(tmp_path / "creds")
     (tmp_path / "empty-run").mkdir()

@@ -1,5 +1,8 @@
 """The layering rule: apps (server/, client/, export/) import only the library `sdr_edge` and
-third-party packages, never each other; `sdr_edge` imports no app.
+third-party packages, never each other; `sdr_edge` imports no app. An app has two names, its
+folder's (`server`: the Flower FAB's layout) and its installed one (`sdr_edge_server`, pyproject's
+package-dir); both count, and an app reaches its own modules only by relative imports, the one
+spelling that works under either name.
 
 Every import is checked, at any depth (inside functions too, where lazy imports live), and
 module names handed to `importlib.import_module` / `importlib.util.find_spec` as string
@@ -17,6 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 APPS = ("server", "client", "export")
 LIBRARY = "sdr_edge"
 DYNAMIC_IMPORTERS = {"import_module", "find_spec", "__import__"}
+INSTALLED = {f"sdr_edge_{app}": app for app in APPS}  # installed name -> app folder
+
+
+def app_of(module: str) -> str:
+    """The app a module name belongs to under either of its names, or "" for any other."""
+    top = module.split(".", 1)[0]
+    return INSTALLED.get(top, top if top in APPS else "")
 
 
 def imported_modules(tree: ast.AST) -> list[tuple[int, str]]:
@@ -44,8 +54,8 @@ def violations(source: str, relpath: str) -> list[str]:
         return []
     out = []
     for line, module in imported_modules(ast.parse(source, filename=relpath)):
-        top = module.split(".", 1)[0]
-        if top not in APPS or top == owner:
+        app = app_of(module)
+        if not app or app == owner:
             continue
         who = "the library" if owner == LIBRARY else f"app {owner}/"
         out.append(f"{relpath}:{line}: {who} imports app module {module!r} "
@@ -73,6 +83,9 @@ def test_no_app_imports_another_app_and_the_library_imports_no_app():
     ("sdr_edge/federated/server_flow.py",
      "def f():\n    from client.registry_client import fetch_bundle\n", 2),
     ("client/cli.py", "import importlib\nimportlib.import_module('export.onnx_cmd')\n", 2),
+    ("server/cli.py", "from sdr_edge_client.cli import main\n", 1),
+    ("sdr_edge/federated/x.py", "import os\nimport sdr_edge_server.registry.app\n", 2),
+    ("export/cli.py", "import importlib.util\nimportlib.util.find_spec('sdr_edge_client.x')\n", 2),
 ])
 def test_the_check_catches_a_cross_app_import(relpath, source, line):
     found = violations(source, relpath)
@@ -87,6 +100,41 @@ def test_the_check_catches_a_cross_app_import(relpath, source, line):
 ])
 def test_allowed_imports_pass(relpath, source):
     assert violations(source, relpath) == []
+
+
+def absolute_self_imports(source: str, relpath: str) -> list[str]:
+    """'file:line: message' for each absolute import an app makes of its own modules.
+
+    `server.x` breaks the installed wheel (there it is `sdr_edge_server.x`), `sdr_edge_server.x`
+    breaks the Flower FAB (the repository layout); `from .x import` works in both.
+    """
+    owner = relpath.replace("\\", "/").split("/", 1)[0]
+    if owner not in APPS:
+        return []
+    return [f"{relpath}:{line}: app {owner}/ imports its own module {module!r} by an absolute "
+            "name (use a relative import, or __package__ for a module name in a string)"
+            for line, module in imported_modules(ast.parse(source, filename=relpath))
+            if app_of(module) == owner]
+
+
+def test_apps_import_their_own_modules_relatively():
+    found = []
+    for path in _project_files():
+        rel = path.relative_to(ROOT).as_posix()
+        found += absolute_self_imports(path.read_text(encoding="utf-8"), rel)
+    assert not found, "absolute self-import:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize(("relpath", "source", "bad"), [
+    ("server/serve_cmd.py", "from server.registry.app import create_app\n", 1),
+    ("server/serve_cmd.py", "def f():\n    import sdr_edge_server.registry.auth\n", 1),
+    ("client/cli.py", "import importlib\nimportlib.import_module('client.fetch_cmd')\n", 1),
+    ("server/serve_cmd.py", "from .registry.app import create_app\nfrom . import cli\n", 0),
+    ("client/cli.py", "COMMANDS = {'fetch': f'{__package__}.fetch_cmd'}\n", 0),
+    ("tests/test_x.py", "from sdr_edge_server.cli import main\n", 0),
+])
+def test_the_self_import_check(relpath, source, bad):
+    assert len(absolute_self_imports(source, relpath)) == bad
 
 
 # -- export / inference layering ----------------------------------------------------------------

@@ -15,13 +15,13 @@ import pytest
 import torch
 from fixtures_export import SIZE, trained_digits, write_digit_pngs
 
-from client.cli import main as client_main
 from sdr_edge.data.augment import normalize_tensor, to_unit_tensor
 from sdr_edge.data.folder import scan_folder
 from sdr_edge.data.preprocess import InputSpec, normalize_batch, prepare_uint8, preprocess_images
 from sdr_edge.export.pipeline import ExportOptions, export_model
 from sdr_edge.inference.model_file import ENGINE, ONNX, ModelFileError, detect_model_format
 from sdr_edge.inference.predict import load_for_model, prepare_for_model
+from sdr_edge_client.cli import main as client_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ def test_infer_onnx_never_imports_torch(onnx_model, tmp_path):
     write_digit_pngs(tmp_path / "imgs", 5, start=1600)
     code = (
         "import sys\n"
-        "from client.cli import main\n"
+        "from sdr_edge_client.cli import main\n"
         f"rc = main(['infer', '--model', {str(onnx_model)!r}, '--images', "
         f"{str(tmp_path / 'imgs')!r}, '--no-progress'])\n"
         "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"

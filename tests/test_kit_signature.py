@@ -148,7 +148,7 @@ def test_cli_signature_does_not_import_torch(tiny_run, signed_kit, keys, image_f
     pub = str(keys / "server.pub")
     script = textwrap.dedent(f"""
         import sys
-        from client.cli import main
+        from sdr_edge_client.cli import main
         rc = main(["signature", "--kit", {str(signed_kit)!r}, "--pubkey", {pub!r}, "--images",
                    {str(image_folder)!r}, "--out", {str(out)!r}])
         rc2 = main(["signature", "--kit", {str(signed_kit)!r}, "--pubkey", {pub!r}, "--images",
@@ -172,7 +172,7 @@ def test_cli_signature_does_not_import_torch(tiny_run, signed_kit, keys, image_f
 
 
 def test_cli_signature_errors_are_one_line(tiny_run, tmp_path):
-    from client.cli import main
+    from sdr_edge_client.cli import main
 
     run_dir, _ = tiny_run
     insecure = "--insecure-no-verify"
@@ -188,7 +188,7 @@ def test_cli_signature_errors_are_one_line(tiny_run, tmp_path):
 # --- trust: the device verifies the kit it runs; signatures carry the run's identity --------
 
 def signature_cli(kit: Path, images: Path, out: Path, *trust: str) -> int:
-    from client.cli import main
+    from sdr_edge_client.cli import main
 
     return main(["signature", "--kit", str(kit), *trust, "--images", str(images),
                  "--out", str(out)])
@@ -317,7 +317,7 @@ def _registry_client(run_dir: Path, tmp_path: Path):
     from fastapi.testclient import TestClient
     from helpers_registry import make_credentials
 
-    from server.registry.app import create_app
+    from sdr_edge_server.registry.app import create_app
 
     key, _, tokens, token = make_credentials(tmp_path / "creds")
     app = create_app(run_dir, tokens, key, tmp_path / "cache")

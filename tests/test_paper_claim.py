@@ -12,7 +12,7 @@ import pytest
 
 from sdr_edge.bench.budgets import BUDGETS, tasks
 from sdr_edge.bench.paper_claim import aggregate, interval, markdown_table, pretrain_all, verdict
-from server.cli import main
+from sdr_edge_server.cli import main
 
 TASKS = ("a", "b", "c", "d")
 

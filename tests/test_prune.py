@@ -107,7 +107,7 @@ def test_tampered_parent_is_refused_and_nothing_written(keys, tmp_path):
 
 
 def test_cli(keys, tmp_path, capsys):
-    from client.cli import main
+    from sdr_edge_client.cli import main
 
     server_key, _, _, keydir = keys
     parent = write_bundle(_model(), tmp_path / "parent", (0, 1), SPEC, server_key)

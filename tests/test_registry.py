@@ -186,7 +186,7 @@ def test_info_and_openapi(client):
 def test_tokens_added_or_revoked_apply_without_restart(registry):
     import time
 
-    from server.registry.auth import create_token
+    from sdr_edge_server.registry.auth import create_token
 
     new = create_token(registry.tokens_file, "added-later")
     headers = {"Authorization": f"Bearer {new}"}
@@ -239,7 +239,7 @@ def test_tokens_file_gone_or_malformed_refuses_every_token(registry):
 
 
 def test_token_file_fails_closed_unit(tmp_path):
-    from server.registry.auth import TokenFile, TokensUnavailable, create_token
+    from sdr_edge_server.registry.auth import TokenFile, TokensUnavailable, create_token
 
     path = tmp_path / "tokens.txt"
     token = create_token(path, "a")
@@ -311,7 +311,7 @@ def test_header_limited_protocols_answer_431(kind):
     import uvicorn
     from helpers_registry import free_port
 
-    from server.registry import limits
+    from sdr_edge_server.registry import limits
 
     cls = limits.HeaderLimitH11Protocol if kind == "h11" else \
         getattr(limits, "HeaderLimitHttpToolsProtocol", None)
@@ -355,7 +355,7 @@ def test_body_limit_middleware_checks_headers_too():
     """For servers started without the protocol (uvicorn --factory): 431 from the app."""
     import asyncio
 
-    from server.registry.limits import BodyLimitMiddleware
+    from sdr_edge_server.registry.limits import BodyLimitMiddleware
 
     async def app(scope, receive, send):
         raise AssertionError("the app must not run")
@@ -403,7 +403,7 @@ def test_vanished_archive_is_rebuilt_not_500(registry, tmp_path):
                                   "1_0-2-3-0", "\uff11-2-3-0", "1-2-3-0 ", "1-2-3-0/../kit"])
 def test_route_ids_are_fullmatched(text):
     from sdr_edge.registry_client import _bundle_id
-    from server.registry.route_ids import RouteIdError, parse_route_id
+    from sdr_edge_server.registry.route_ids import RouteIdError, parse_route_id
 
     with pytest.raises(RouteIdError, match="malformed route id"):
         parse_route_id(text, TINY_BRANCHING)
@@ -435,7 +435,7 @@ def test_route_id_with_trailing_newline_is_404(registry):
     ("--max-header-bytes", "512", "--max-header-bytes 512 is too small"),
 ])
 def test_serve_refuses_bad_header_limits(tmp_path, capsys, flag, value, message):
-    from server.cli import main as server_main
+    from sdr_edge_server.cli import main as server_main
 
     (tmp_path / "run").mkdir()
     for name in ("tokens.txt", "server.key"):

@@ -48,7 +48,7 @@ knn_every = 2
 
 
 def command(config: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "server.cli", "train", "--config", str(config), "--out", str(out)]
+    return [sys.executable, "-m", "sdr_edge_server.cli", "train", "--config", str(config), "--out", str(out)]
 
 
 def run(config: Path, out: Path) -> subprocess.CompletedProcess:

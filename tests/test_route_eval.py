@@ -123,7 +123,7 @@ def test_linear_probe_learns_separable_features():
 
 
 def test_cli_writes_json_and_plot(tiny_run, tmp_path, capsys):
-    from server.cli import main
+    from sdr_edge_server.cli import main
 
     out = tmp_path / "eval"
     rc = main(["route-eval", "--run", str(tiny_run), "--task", "builtin:digits",
@@ -141,7 +141,7 @@ def test_cli_writes_json_and_plot(tiny_run, tmp_path, capsys):
 
 
 def test_cli_errors(tiny_run, tmp_path, capsys):
-    from server.cli import main
+    from sdr_edge_server.cli import main
 
     unlabeled = tmp_path / "flat"
     unlabeled.mkdir()

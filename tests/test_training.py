@@ -27,7 +27,7 @@ TINY = ROOT / "configs" / "tiny.toml"
 
 def run_train(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "server.cli", "train", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "sdr_edge_server.cli", "train", *map(str, args)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -244,7 +244,7 @@ def test_unified_baseline_run(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    from server.cli import main
+    from sdr_edge_server.cli import main
 
     def train(*args) -> tuple[int, str]:
         code = main(["train", *map(str, args)])

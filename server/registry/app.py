@@ -37,21 +37,22 @@ from sdr_edge.routing.signature import (
     served_run_id,
     validate_signature,
 )
-from server.registry.auth import TokenFile, TokensUnavailable
-from server.registry.cache import BundleCache
-from server.registry.kit import build_kit_archive
-from server.registry.limits import (
+
+from .auth import TokenFile, TokensUnavailable
+from .cache import BundleCache
+from .kit import build_kit_archive
+from .limits import (
     DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_MAX_HEADERS,
     BodyLimitMiddleware,
 )
-from server.registry.route_ids import (
+from .route_ids import (
     RouteIdError,
     format_route_id,
     parse_route_id,
     route_id_pattern,
 )
-from server.registry.scoring import TopRoutes
+from .scoring import TopRoutes
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ from sdr_edge.artifacts.transfer import pack_files, read_folder
 from sdr_edge.data.preprocess import InputSpec
 from sdr_edge.models.classifier import SubnetModel
 from sdr_edge.models.sdrnet import SDRnet
-from server.registry.route_ids import format_route_id
+
+from .route_ids import format_route_id
 
 log = logging.getLogger(__name__)
 
