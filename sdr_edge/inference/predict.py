@@ -15,9 +15,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from sdr_edge.artifacts.model_metadata import MetadataError
 from sdr_edge.data.folder import IMAGE_SUFFIXES, decode_image, list_image_files
 from sdr_edge.data.preprocess import InputSpec, normalize_batch, prepare_uint8
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.inference.base import Runner
+
+
+class InferenceInputError(SdrEdgeError, ValueError):
+    """What `infer` was asked to run on cannot be used (no images, a bad batch size)."""
 
 
 @dataclass
@@ -76,7 +82,7 @@ def collect_images(target: str | Path) -> list[Path]:
         raise FileNotFoundError(f"image folder not found: {target}")
     files = list_image_files(target)
     if not files:
-        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {target}")
+        raise InferenceInputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {target}")
     return files
 
 
@@ -128,10 +134,10 @@ def infer_images(runner: Runner, target: str | Path, batch: int = 32,
                  progress: bool = True) -> InferenceReport:
     """Run every image under `target` through `runner` in batches of `batch`."""
     if batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {batch}")
+        raise InferenceInputError(f"--batch must be >= 1, got {batch}")
     meta = runner.metadata
     if meta is None:
-        raise ValueError("the model carries no sdr-edge metadata (input spec unknown)")
+        raise MetadataError("the model carries no sdr-edge metadata (input spec unknown)")
     spec, kind = meta.input_spec, meta.output_kind
     files = collect_images(target)
     report = InferenceReport(runtime=runner.describe())

@@ -13,7 +13,7 @@ import numpy as np
 
 from sdr_edge.artifacts.model_metadata import MetadataError, ModelMetadata, metadata_from_props
 from sdr_edge.inference.base import DEFAULT_CHUNK, Runner, run_in_chunks
-from sdr_edge.inference.model_file import ENGINE, ONNX, detect_model_format
+from sdr_edge.inference.model_file import ENGINE, ONNX, ModelFileError, detect_model_format
 
 
 class OrtRunner:
@@ -43,10 +43,10 @@ class OrtRunner:
             self.session = ort.InferenceSession(str(self.path), opts,
                                                 providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types for bad models
-            raise ValueError(f"ONNX Runtime cannot load {self.path}: {exc}") from exc
+            raise ModelFileError(f"ONNX Runtime cannot load {self.path}: {exc}") from exc
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
-            raise ValueError(f"{self.path}: expected one input, the model has {len(inputs)}")
+            raise ModelFileError(f"{self.path}: expected one input, the model has {len(inputs)}")
         self.input_name = inputs[0].name
         self.output_name = self.session.get_outputs()[0].name
         dim0 = inputs[0].shape[0] if inputs[0].shape else None

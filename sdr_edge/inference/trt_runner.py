@@ -20,6 +20,7 @@ from sdr_edge.artifacts.model_metadata import (
 )
 from sdr_edge.inference.base import iter_chunks
 from sdr_edge.inference.cuda_device import DeviceMemory, device_memory, require_tensorrt_and_gpu
+from sdr_edge.inference.model_file import ModelFileError
 
 
 class TrtRunner:
@@ -46,7 +47,7 @@ class TrtRunner:
         self.engine = self.trt_runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             built = self.doc.get("tensorrt_version", "?"), self.doc.get("gpu", {}).get("name", "?")
-            raise ValueError(
+            raise ModelFileError(
                 f"TensorRT {trt.__version__} could not deserialize {self.path} (built with "
                 f"TensorRT {built[0]} on {built[1]}); rebuild it on this device with "
                 "`sdr-export trt`"
@@ -56,7 +57,7 @@ class TrtRunner:
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in inputs]
         if len(inputs) != 1 or len(outputs) != 1:
-            raise ValueError(f"{self.path}: expected one input and one output, got {names}")
+            raise ModelFileError(f"{self.path}: expected one input and one output, got {names}")
         self.input_name, self.output_name = inputs[0], outputs[0]
         lo, _, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
         self.min_batch, self.max_batch = int(lo[0]), int(hi[0])

@@ -14,9 +14,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sdr_edge.artifacts.atomic import atomic_write_text
+from sdr_edge.errors import SdrEdgeError
 
 SECTIONS_FILE = "sections.json"
 INDEX_FILE = "index.html"
+
+
+class ReportError(SdrEdgeError, ValueError):
+    """A run dir or report file a report cannot be made from (one line for the user)."""
 
 
 @dataclass
@@ -111,7 +116,7 @@ def read_sections(report_dir: str | Path) -> list[Section]:
         raw = json.loads(path.read_text())
         return [Section(**entry) for entry in raw]
     except (json.JSONDecodeError, TypeError) as exc:
-        raise ValueError(f"{path}: not a list of report sections ({exc})") from exc
+        raise ReportError(f"{path}: not a list of report sections ({exc})") from exc
 
 
 def update_index(report_dir: str | Path, sections: list[Section],

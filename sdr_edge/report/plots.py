@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from sdr_edge.artifacts.atomic import atomic_write  # noqa: E402
+from sdr_edge.report.html import ReportError  # noqa: E402
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -34,7 +35,7 @@ def read_metrics(path: str | Path) -> list[dict]:
         except json.JSONDecodeError as exc:
             if number == len(lines):
                 break  # the process died mid-write; everything before it is intact
-            raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from exc
+            raise ReportError(f"{path}:{number}: not JSON ({exc.msg})") from exc
         if isinstance(record, dict):
             records.append(record)
     return records
@@ -113,7 +114,7 @@ def plot_losses(metrics: Sequence[dict], path: str | Path) -> Path:
     """loss.png: the training loss of every phase over its epochs."""
     series = phase_series(metrics, "loss")
     if not series:
-        raise ValueError("no metrics record has phase, epoch and loss: nothing to plot")
+        raise ReportError("no metrics record has phase, epoch and loss: nothing to plot")
     return _plot_phases(series, phase_spans(metrics), path, "loss", "training loss per phase")
 
 
@@ -121,7 +122,7 @@ def plot_knn(metrics: Sequence[dict], path: str | Path) -> Path:
     """knn.png: the kNN monitor accuracy per phase (only runs whose data has labels log it)."""
     series = phase_series(metrics, "knn_acc")
     if not series:
-        raise ValueError("no metrics record has a knn_acc value: nothing to plot")
+        raise ReportError("no metrics record has a knn_acc value: nothing to plot")
     return _plot_phases(series, phase_spans(metrics), path, "kNN accuracy",
                         "kNN monitor accuracy (labels used only for monitoring)")
 

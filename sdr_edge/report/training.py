@@ -8,7 +8,7 @@ import numpy as np
 
 from sdr_edge.artifacts.run_dir import CODEBOOKS, CODES, METRICS, REPORT_DIR, load_codes
 from sdr_edge.artifacts.weights import read_metadata
-from sdr_edge.report.html import Section, update_index
+from sdr_edge.report.html import ReportError, Section, update_index
 from sdr_edge.report.montage import cluster_montage
 from sdr_edge.report.plots import (
     phase_series,
@@ -108,7 +108,7 @@ def make_training_report(run_dir: str | Path, images: np.ndarray | None = None) 
     sections = [s for s in [_training_section(run_dir, report_dir)] if s is not None]
     sections += _codes_sections(run_dir, report_dir, images)
     if not sections:
-        raise ValueError(f"{run_dir}: neither {METRICS} nor {CODES} is there: nothing to report")
+        raise ReportError(f"{run_dir}: neither {METRICS} nor {CODES} is there: nothing to report")
     written = [Path(report_dir / p) for s in sections for p in s.images]
     written.append(update_index(report_dir, sections))
     return written

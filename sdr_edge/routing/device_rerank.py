@@ -18,12 +18,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.routing.transferability import RERANK_METHODS, score_features
 
 RERANK_EXTRA = "sdr-edge[rerank]"
 # What running and scoring a candidate imports beyond a device install (bundle loading,
 # safetensors weights, feature extraction with torch, sklearn-based probes).
 RERANK_MODULES = ("torch", "safetensors", "sklearn", "threadpoolctl")
+
+
+class RerankError(SdrEdgeError, ValueError):
+    """Re-ranking cannot run on what it was given (method, candidates, image size)."""
 
 
 def missing_rerank_modules() -> list[str]:
@@ -61,16 +66,16 @@ def rerank_bundles(bundles: Sequence[dict[str, bytes]], pubkey, images: np.ndarr
     from sdr_edge.routing.probe import extract_features
 
     if method not in RERANK_METHODS:
-        raise ValueError(f"unknown re-ranking method {method!r} ({', '.join(RERANK_METHODS)})")
+        raise RerankError(f"unknown re-ranking method {method!r} ({', '.join(RERANK_METHODS)})")
     if not bundles:
-        raise ValueError("no candidate bundles to re-rank")
+        raise RerankError("no candidate bundles to re-rank")
     t0 = time.perf_counter()
     scores = []
     for files in bundles:
         bundle = bundle_from_files(files, pubkey)
         spec = bundle.input_spec
         if images.shape[1:] != (spec.image_size, spec.image_size, spec.channels):
-            raise ValueError(f"images are {images.shape[1:]}, the sub-net wants "
+            raise RerankError(f"images are {images.shape[1:]}, the sub-net wants "
                              f"{spec.image_size}x{spec.image_size}x{spec.channels}")
         feats = extract_features(bundle.model.backbone, images, spec, batch_size)
         scores.append(score_features(method, feats, labels))

@@ -152,7 +152,7 @@ def _batches(images: Iterable[np.ndarray], spec: InputSpec, batch_size: int) -> 
 def _decoded_folder(folder: Path, skipped: list[Path]) -> Iterator[np.ndarray]:
     files = list_image_files(folder)
     if not files:
-        raise ValueError(f"no image files (.png, .jpg, .jpeg, .bmp) under {folder}")
+        raise KitError(f"no image files (.png, .jpg, .jpeg, .bmp) under {folder}")
     for path in files:
         image = decode_image(path)
         if image is None:
@@ -188,5 +188,5 @@ def compute_signature(kit_dir: str | Path | KitRunner,
     if skipped:
         log.warning("skipped %d unreadable image(s) under %s", len(skipped), where)
     if count == 0:
-        raise ValueError(f"no readable image in {where} ({len(skipped)} unreadable file(s))")
+        raise KitError(f"no readable image in {where} ({len(skipped)} unreadable file(s))")
     return exact_or_private(sums, count, dp_epsilon, rng, run_id=runner.run_id)

@@ -35,13 +35,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.routing.signature import Signature, signature_from_sums
+
+
+class PrivacyBudgetError(SdrEdgeError, ValueError):
+    """A privacy budget (--dp-epsilon, dp_epsilon) that is not a positive number."""
 
 
 def laplace_scale(levels: int, epsilon: float) -> float:
     """b = (R + 1) / eps: the L1 sensitivity of (sums, count) over the privacy budget."""
     if not np.isfinite(epsilon) or epsilon <= 0:
-        raise ValueError(f"dp epsilon must be a positive number, got {epsilon}")
+        raise PrivacyBudgetError(f"dp epsilon must be a positive number, got {epsilon}")
     if levels < 1:
         raise ValueError("a signature has at least one level")
     return (levels + 1) / float(epsilon)

@@ -15,7 +15,12 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from sdr_edge.data.preprocess import InputSpec, normalize_batch
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.ssl.knn import knn_accuracy
+
+
+class ProbeError(SdrEdgeError, ValueError):
+    """A task's labelled split cannot be probed (e.g. it holds a single class)."""
 
 
 @torch.no_grad()
@@ -39,7 +44,7 @@ def linear_probe_accuracy(train_f: np.ndarray, train_y: np.ndarray, test_f: np.n
                           seed: int = 0) -> float:
     """Multinomial logistic regression on standardised features; test accuracy in [0, 1]."""
     if len(np.unique(train_y)) < 2:
-        raise ValueError("a linear probe needs at least two classes in the training split")
+        raise ProbeError("a linear probe needs at least two classes in the training split")
     probe = make_pipeline(StandardScaler(),
                           LogisticRegression(C=c, max_iter=max_iter, random_state=seed))
     # A probe this size is BLAS-bound on tiny matrices: one thread is ~50x faster than two

@@ -290,10 +290,12 @@ def aggregate_signatures(sigs: Iterable[Signature]) -> Signature:
     branching, run_id = sigs[0].branching, sigs[0].run_id
     for i, s in enumerate(sigs):
         if s.branching != branching:
-            raise ValueError(f"signature {i} has branching {s.branching}, expected {branching}")
+            raise SignatureValidationError(f"signature {i}", f"has branching {s.branching}, "
+                                               f"expected {branching}")
         if s.run_id != run_id:
-            raise ValueError(f"signature {i} was computed with the kit of run {s.run_id}, "
-                             f"signature 0 with run {run_id}: every node needs the same kit")
+            raise RunIdMismatchError(f"signature {i}", f"computed with the kit of run {s.run_id}, "
+                                     f"signature 0 with run {run_id}: every node needs the "
+                                     "same kit")
     total = sum(s.count for s in sigs)
     sums = [sum(np.asarray(s.levels[r], dtype=np.float64) * s.count for s in sigs)
             for r in range(len(branching))]

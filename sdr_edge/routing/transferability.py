@@ -23,14 +23,20 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from sdr_edge.errors import SdrEdgeError
+
 RANKME_EPS = 1e-7
+
+
+class TransferabilityError(SdrEdgeError, ValueError):
+    """Features, labels or a method a transferability score cannot use (one line)."""
 
 
 def rankme(features: np.ndarray) -> float:
     """Effective rank of an N x D feature matrix (RankMe, Garrido et al. 2023, eq. 1)."""
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"rankme needs an N x D matrix with N >= 2, got shape {f.shape}")
+        raise TransferabilityError(f"rankme needs an N x D matrix with N >= 2, got shape {f.shape}")
     sigma = np.linalg.svd(f, compute_uv=False)
     total = sigma.sum()
     if total <= 0:
@@ -68,7 +74,7 @@ def logme(features: np.ndarray, labels: np.ndarray, iters: int = 100, tol: float
     f = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels)
     if f.ndim != 2 or f.shape[0] != y.shape[0] or f.shape[0] < 2:
-        raise ValueError(f"logme needs N x D features and N labels, got {f.shape} and {y.shape}")
+        raise TransferabilityError(f"logme needs N x D features and N labels, got {f.shape} and {y.shape}")
     n, d = f.shape
     u, s, _ = np.linalg.svd(f, full_matrices=False)
     s2 = s ** 2
@@ -84,7 +90,7 @@ def knn_loo_accuracy(features: np.ndarray, labels: np.ndarray, k: int = 5) -> fl
     f = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels)
     if f.shape[0] < 2:
-        raise ValueError("knn needs at least two labelled images")
+        raise TransferabilityError("knn needs at least two labelled images")
     f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
     sim = f @ f.T
     np.fill_diagonal(sim, -np.inf)
@@ -103,9 +109,9 @@ def score_features(method: str, features: np.ndarray, labels: np.ndarray | None 
     if method == "rankme":
         return rankme(features)
     if method not in RERANK_METHODS:
-        raise ValueError(f"unknown re-ranking method {method!r} ({', '.join(RERANK_METHODS)})")
+        raise TransferabilityError(f"unknown re-ranking method {method!r} ({', '.join(RERANK_METHODS)})")
     if labels is None:
-        raise ValueError(f"re-ranking by {method} needs labels for the local images")
+        raise TransferabilityError(f"re-ranking by {method} needs labels for the local images")
     return logme(features, labels) if method == "logme" else knn_loo_accuracy(features, labels)
 
 

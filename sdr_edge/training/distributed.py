@@ -17,6 +17,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sdr_edge.errors import SdrEdgeError
+
+
+class DeviceSetupError(SdrEdgeError, ValueError):
+    """A [train]/[ssl] setting this machine or process count cannot honour (one line)."""
+
 
 @dataclass
 class DistEnv:
@@ -72,7 +78,7 @@ class DistEnv:
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     """'auto' takes CUDA when present; asking for CUDA without one is an error."""
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("[train] device = 'cuda' but no CUDA device is available")
+        raise DeviceSetupError("[train] device = 'cuda' but no CUDA device is available")
     if requested in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     return torch.device("cpu")
@@ -103,7 +109,7 @@ def rank_batches(perm: np.ndarray, global_batch: int, env: DistEnv) -> list[np.n
     like DistributedSampler with drop_last, so every rank runs the same number of steps)."""
     per_rank = global_batch // env.world_size
     if per_rank < 2:
-        raise ValueError(f"[ssl] batch_size {global_batch} leaves fewer than 2 images per rank "
+        raise DeviceSetupError(f"[ssl] batch_size {global_batch} leaves fewer than 2 images per rank "
                          f"with {env.world_size} processes")
     steps = len(perm) // (per_rank * env.world_size)
     out = []

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from sdr_edge.data.augment import light_augment
 from sdr_edge.data.preprocess import InputSpec, normalize_batch
+from sdr_edge.errors import SdrEdgeError
 from sdr_edge.models.classifier import SubnetModel
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,10 @@ BN_MODES = ("frozen", "train")
 # accuracy at 1e-3 / 3e-3 / 1e-2; 3e-3 is the Flower run config's default, a compromise
 # with the 1e-3 that measured best for ten-epoch central fine-tuning of pre-trained features.
 ROUND_LR = 3e-3
+
+
+class FineTuneError(SdrEdgeError, ValueError):
+    """A fine-tune setting or its data cannot be used (a bad flag, label or empty set)."""
 
 
 @dataclass(frozen=True)
@@ -85,23 +90,23 @@ class FineTuneConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in FINE_TUNE_MODES:
-            raise ValueError(f"unknown fine-tune mode {self.mode!r} (full or linear)")
+            raise FineTuneError(f"unknown fine-tune mode {self.mode!r} (full or linear)")
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch size must be >= 1")
+            raise FineTuneError("epochs and batch size must be >= 1")
         if not self.lr > 0 or self.proximal_mu < 0:
-            raise ValueError("lr must be > 0 and proximal-mu >= 0")
+            raise FineTuneError("lr must be > 0 and proximal-mu >= 0")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r} (one of {OPTIMIZERS})")
+            raise FineTuneError(f"unknown optimizer {self.optimizer!r} (one of {OPTIMIZERS})")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown lr schedule {self.schedule!r} (one of {SCHEDULES})")
+            raise FineTuneError(f"unknown lr schedule {self.schedule!r} (one of {SCHEDULES})")
         if self.bn not in BN_MODES:
-            raise ValueError(f"unknown BatchNorm mode {self.bn!r} (one of {BN_MODES})")
+            raise FineTuneError(f"unknown BatchNorm mode {self.bn!r} (one of {BN_MODES})")
         if not 0 < self.backbone_lr_scale <= 10:
-            raise ValueError("backbone-lr-scale must be in (0, 10]")
+            raise FineTuneError("backbone-lr-scale must be in (0, 10]")
         if not 0 <= self.warmup_fraction < 1 or not 0 <= self.min_lr_fraction <= 1:
-            raise ValueError("warmup-fraction must be in [0, 1) and min-lr-fraction in [0, 1]")
+            raise FineTuneError("warmup-fraction must be in [0, 1) and min-lr-fraction in [0, 1]")
         if not 0 <= self.label_smoothing < 1 or self.weight_decay < 0 or self.momentum < 0:
-            raise ValueError("label-smoothing must be in [0, 1), weight-decay and momentum >= 0")
+            raise FineTuneError("label-smoothing must be in [0, 1), weight-decay and momentum >= 0")
 
 
 @dataclass(frozen=True)
@@ -148,11 +153,11 @@ def to_tensors(images: np.ndarray, labels: np.ndarray, spec: InputSpec,
                num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Checked, normalised (evaluation transform) inputs and int64 labels."""
     if labels is None:
-        raise ValueError("labels are required")
+        raise FineTuneError("labels are required")
     if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        raise FineTuneError(f"{len(images)} images but {len(labels)} labels")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got "
+        raise FineTuneError(f"labels must lie in [0, {num_classes}), got "
                          f"[{labels.min()}, {labels.max()}]")
     x = torch.from_numpy(normalize_batch(images, spec))
     return x, torch.from_numpy(np.asarray(labels, dtype=np.int64))
@@ -165,7 +170,7 @@ def set_trainable(model: SubnetModel, mode: str, bn: str = "train") -> list[nn.P
     are used and kept; its scale and shift still train in full mode).
     """
     if model.head is None:
-        raise ValueError("fine-tuning needs a model with a classification head")
+        raise FineTuneError("fine-tuning needs a model with a classification head")
     model.train()
     if mode == "linear":
         model.backbone.eval()  # frozen features keep their BatchNorm statistics too
@@ -230,9 +235,9 @@ def fine_tune(model: SubnetModel, images: np.ndarray, labels: np.ndarray, spec: 
               cfg: FineTuneConfig, progress: str | None = None) -> TrainResult:
     """Fine-tune `model` (backbone + linear head) in place with the recipe `cfg`."""
     if len(images) == 0:
-        raise ValueError("no training images")
+        raise FineTuneError("no training images")
     if model.head is None:
-        raise ValueError("fine-tuning needs a model with a classification head")
+        raise FineTuneError("fine-tuning needs a model with a classification head")
     x, y = to_tensors(images, labels, spec, model.num_classes or 0)
     anchors = ({name: p.detach().clone() for name, p in model.named_parameters()}
                if cfg.proximal_mu > 0 else None)  # the weights received, before any change
@@ -291,7 +296,7 @@ def evaluate(model: SubnetModel, images: np.ndarray, labels: np.ndarray, spec: I
              batch_size: int = 256) -> EvalResult:
     """Cross-entropy and accuracy of the model on held-out images (eval mode)."""
     if len(images) == 0:
-        raise ValueError("no evaluation images")
+        raise FineTuneError("no evaluation images")
     x, y = to_tensors(images, labels, spec, model.num_classes or 0)
     model.eval()
     loss, correct = 0.0, 0

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from sdr_edge.artifacts import run_dir as rd
 from sdr_edge.artifacts.atomic import atomic_write_text, sha256_file
 from sdr_edge.artifacts.weights import load_tensors
+from sdr_edge.data.folder import SourceError
 from sdr_edge.data.preprocess import InputSpec
 from sdr_edge.data.sources import ImageSource, load_source
 from sdr_edge.errors import SdrEdgeError
@@ -48,7 +49,7 @@ from sdr_edge.training.checkpoint import (
     save_checkpoint,
     set_aside,
 )
-from sdr_edge.training.config import TrainConfig, dump_config, parse_config_text
+from sdr_edge.training.config import ConfigError, TrainConfig, dump_config, parse_config_text
 from sdr_edge.training.epochs import EpochPlan, embed, knn_monitor, train_epoch
 from sdr_edge.training.metrics import MetricsLog
 from sdr_edge.training.siamese import FrozenTeacher, SiameseNet, make_optimizer, scaled_lr
@@ -127,7 +128,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, unified: bool = False,
                  env: dd.DistEnv | None = None, restart: bool = False) -> None:
         if not cfg.data.source:
-            raise ValueError("no data source: pass --data SOURCE or set [data] source")
+            raise ConfigError("no data source: pass --data SOURCE or set [data] source")
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.unified = unified
@@ -258,7 +259,7 @@ class Trainer:
         self.spec = InputSpec(d.image_size, d.channels, mean, std, tuple(self.source.label_names))
         per_rank = min(self.cfg.ssl.batch_size, len(self.train_index)) // self.env.world_size
         if per_rank < 2:
-            raise ValueError(f"{d.source}: {len(self.train_index)} training image(s) are too few "
+            raise SourceError(f"{d.source}: {len(self.train_index)} training image(s) are too few "
                              f"for batches across {self.env.world_size} process(es)")
         self.global_batch = per_rank * self.env.world_size
 
