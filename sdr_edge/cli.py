@@ -7,8 +7,9 @@ without importing it.
 
 Error rule: a `SdrEdgeError` (this project's "show the user one line" errors, `CommandError`
 among them) or a missing input file (`FileNotFoundError`) is printed as
-`prog command: error: message` with exit status 2. Anything else is a bug and keeps its
-traceback.
+`prog command: error: message` with exit status 2. So is a missing third-party package that
+one of the wheel's extras installs (`EXTRA_OF`): the line names the package and the
+`pip install 'sdr-edge[extra]'` that brings it. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +25,34 @@ from pathlib import Path
 from sdr_edge.errors import SdrEdgeError
 
 NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "httpx")
+
+
+# Import name -> the extra of pyproject's [project.optional-dependencies] that installs it (test:
+# tests/test_cli_plumbing.py reads pyproject). Where several extras hold a package, the one named
+# is the smallest that runs the commands importing it: torch -> export (`sdr-client prune`,
+# `sdr-export onnx`; `fetch --rerank` names its own, smaller extra before anything runs).
+EXTRA_OF = {
+    "torch": "export",
+    "safetensors": "rerank",
+    "sklearn": "rerank",
+    "threadpoolctl": "rerank",
+    "onnx": "export",
+    "onnxscript": "export",
+    "onnxconverter_common": "export",
+    "torch_pruning": "export",
+    "scipy": "server",
+    "faiss": "server",
+    "matplotlib": "server",
+    "tomli_w": "server",
+    "PIL": "server",
+    "fontTools": "server",
+    "fastapi": "server",
+    "pydantic": "server",
+    "uvicorn": "server",
+    "flwr": "federated",
+    "tensorrt": "trt",
+    "cuda": "trt",
+}
 
 
 class CommandError(SdrEdgeError):
@@ -84,7 +113,13 @@ def run_cli(prog: str, description: str, commands: dict[str, str], argv: list[st
     argv = sys.argv[1:] if argv is None else argv
     commands = available(commands)
     chosen = next((a for a in argv if a in commands), None)
-    args = build_parser(prog, description, commands, chosen).parse_args(argv)
+    try:  # the chosen command's module is imported here: its top-level imports may be missing
+        args = build_parser(prog, description, commands, chosen).parse_args(argv)
+    except ModuleNotFoundError as exc:
+        if (message := missing_extra_message(exc)) is None:
+            raise
+        print(f"{prog} {chosen}: error: {message}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # the ONNX exporter narrates every graph pass at INFO
@@ -95,3 +130,29 @@ def run_cli(prog: str, description: str, commands: dict[str, str], argv: list[st
     except (SdrEdgeError, FileNotFoundError) as exc:
         print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        if (message := missing_extra_message(exc)) is None:
+            raise
+        print(f"{prog} {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # ValueError: a None or spec-less entry in sys.modules
+        return False
+
+
+def missing_extra_message(exc: ModuleNotFoundError) -> str | None:
+    """The one line for a package an extra installs, or None (a bug: keep the traceback).
+
+    Only a missing top-level package counts: a missing submodule of an installed package is a
+    version mismatch or a bug, which one line would hide.
+    """
+    top = (exc.name or "").split(".", 1)[0]
+    extra = EXTRA_OF.get(top)
+    if extra is None or (top != exc.name and _installed(top)):
+        return None
+    return (f"this command needs {top}, which is in the '{extra}' extra: "
+            f"pip install 'sdr-edge[{extra}]'")
