@@ -146,9 +146,10 @@ def client(request, tmp_path_factory):
 
 def test_fresh_venv_holds_the_device_install_only(device_venv):
     outside = device_venv.parents[2]  # `python -c` puts the cwd first on sys.path: not the repo
-    code = ("import importlib.util, json, sys, client, sdr_edge\n"
+    code = ("import importlib.util, json, sys, sdr_edge_client, sdr_edge\n"
             "print(json.dumps({'found': [m for m in json.loads(sys.argv[1]) "
-            "if importlib.util.find_spec(m)], 'client': client.__file__, "
+            "if importlib.util.find_spec(m)], 'client': sdr_edge_client.__file__, "
+            "'generic': [m for m in ('server', 'client', 'export') if importlib.util.find_spec(m)], "
             "'prefix': sys.prefix}))\n")
     proc = subprocess.run([str(device_venv), "-c", code, json.dumps(SERVER_SIDE)],
                           capture_output=True, text=True, env=_clean_env(), cwd=outside,
@@ -157,6 +158,7 @@ def test_fresh_venv_holds_the_device_install_only(device_venv):
     info = json.loads(proc.stdout)
     assert info["found"] == []  # no torch, no server-side package at all
     assert info["client"].startswith(info["prefix"])  # the installed copy, not the repo
+    assert info["generic"] == []  # the apps are installed under the project's names only
     torch = subprocess.run([str(device_venv), "-c", "import torch"], capture_output=True,
                            text=True, env=_clean_env(), cwd=outside, timeout=60)
     assert torch.returncode == 1 and "No module named 'torch'" in torch.stderr
