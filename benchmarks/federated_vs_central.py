@@ -8,13 +8,13 @@ on `LocalGrid` (the ClientApp handlers called directly, no SuperLink, no network
 takes seconds to a minute; messages, strategies and train/eval code are the ones the
 Deployment Engine runs (tests/test_federation_*).
 
-Central: the same sub-net with the same initial head, trained with the fine-tune recipe on
-the union of the nodes' training splits for rounds x local-epochs epochs, evaluated on the
-union of their held-out splits. One central run per (task, nodes, alpha, seed) serves every
+Central: the same sub-net with the same initial head, trained with the fine-tune recipe
+(`sdr_edge.training.finetune`, its defaults: AdamW 1e-3, cosine, 10 epochs) on the union of
+the nodes' training splits, evaluated on the union of their held-out splits. One central run per (task, nodes, alpha, seed) serves every
 strategy.
 
 Each strategy is a preset name, optionally with run-config overrides joined by '+':
-`fedavg`, `fedprox`, `fedadam`, `fedyogi`, `fedbn`, `fedtrimmedavg`, `fedmedian`, `krum`,
+`fedavg`, `fedavgm`, `fedprox`, `fedadam`, `fedyogi`, `fedbn`, `fedtrimmedavg`, `fedmedian`, `krum`,
 `multikrum`, `bulyan`, or e.g. `fedavg+lr=0.001+head-rounds=2`. `--byzantine K --attack
 scale|random|nan` makes K nodes poison their training replies (robust aggregation).
 
@@ -59,6 +59,7 @@ TASKS = {"footwear-3": "fashion-mnist:test@5,7,9", "fashion-10": "fashion-mnist:
          "tops-4": "fashion-mnist:test@0,2,4,6", "digits-10": "builtin:digits"}
 PRESETS: dict[str, dict[str, object]] = {
     "fedavg": {"strategy": "fedavg"},
+    "fedavgm": {"strategy": "fedavgm", "server-lr": 1.0, "server-momentum": 0.9},
     "fedprox": {"strategy": "fedprox", "proximal-mu": 0.01},
     "fedadam": {"strategy": "fedadam", "server-lr": 0.001},
     "fedyogi": {"strategy": "fedyogi", "server-lr": 0.001},
@@ -106,9 +107,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="run-config override for every federated run")
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=LocalTrainConfig.lr,
-                   help="peak lr, federated (round schedule) and central alike")
+    p.add_argument("--local-epochs", type=int, default=None,
+                   help="federated local epochs per round (default: the run config's)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="federated peak lr (default: the run config's, ROUND_LR)")
+    p.add_argument("--central-epochs", type=int, default=LocalTrainConfig.epochs,
+                   help="central fine-tune epochs (default: the recipe's)")
+    p.add_argument("--central-lr", type=float, default=LocalTrainConfig.lr)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seeds", type=int, default=3, help="partition/init seeds 0..n-1")
     p.add_argument("--byzantine", type=int, default=0, help="nodes that poison their updates")
@@ -163,8 +168,9 @@ def federated(args, source: str, nodes: int, alpha: float, spec_name: str, seed:
               work: Path, key: Path, pub: Path) -> dict:
     out = work / f"fed-{abs(hash((source, nodes, alpha, spec_name, seed)))}"
     run_config = {"run-dir": str(args.run_dir), "signing-key": str(key), "out-dir": str(out),
-                  "num-server-rounds": args.rounds, "local-epochs": args.local_epochs,
-                  "lr": args.lr, "batch-size": args.batch_size, "min-nodes": nodes,
+                  "num-server-rounds": args.rounds, "batch-size": args.batch_size,
+                  **({"local-epochs": args.local_epochs} if args.local_epochs else {}),
+                  **({"lr": args.lr} if args.lr else {}), "min-nodes": nodes,
                   "min-round-nodes": nodes, "seed": seed,
                   **args.overrides, **strategy_overrides(spec_name)}
     cfg = FederationConfig.from_run_config(run_config)
@@ -203,7 +209,7 @@ def central(args, parts, spec, route: list[int], seed: int) -> dict:
     x_test, y_test = union(parts, "test")
     started = time.perf_counter()
     train_local(model, x_train, y_train, spec, LocalTrainConfig(
-        epochs=args.rounds * args.local_epochs, lr=args.lr, batch_size=args.batch_size,
+        epochs=args.central_epochs, lr=args.central_lr, batch_size=args.batch_size,
         seed=seed), progress="central")
     result = evaluate_local(model, x_test, y_test, spec)
     return {"final_accuracy": result.accuracy, "train_images": int(len(y_train)),

@@ -43,11 +43,11 @@ class FederationConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     num_rounds: int = _field(3, "num-server-rounds", ge=1)
-    local_epochs: int = _field(1, "local-epochs", ge=1)
+    local_epochs: int = _field(3, "local-epochs", ge=1)  # measured: see docs/federation.md
     lr: float = _field(ROUND_LR, "lr", gt=0)  # a round's peak rate, defined once in finetune
     lr_schedule: Literal["cosine", "constant"] = _field("cosine", "lr-schedule")
     warmup: bool = _field(True, "warmup")  # round 1 ramps the rate up linearly
-    min_lr_fraction: float = _field(0.05, "min-lr-fraction", ge=0, le=1)
+    min_lr_fraction: float = _field(0.2, "min-lr-fraction", ge=0, le=1)
     head_rounds: int = _field(0, "head-rounds", ge=0)  # first N rounds train the head only
     batch_size: int = _field(32, "batch-size", ge=1)
     optimizer: Literal["adamw", "sgd"] = _field("adamw", "optimizer")  # the nodes' optimiser

@@ -134,7 +134,7 @@ class RoundSchedule:
     peak_lr: float
     schedule: str = "cosine"
     warmup: bool = True
-    min_lr_fraction: float = 0.05
+    min_lr_fraction: float = 0.2
     head_rounds: int = 0
     fine_tune: str = "full"
 
@@ -143,17 +143,15 @@ class RoundSchedule:
         return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
 
     def for_round(self, r: int) -> dict[str, object]:
+        """ConfigRecord entries for round r: peak lr, in-round decay, warm-up, mode."""
         if self.schedule == "constant":
-            entry: dict[str, object] = {"lr": self.peak_lr, "schedule": "constant",
-                                        "warmup-fraction": 0.0, "min-lr-fraction": 1.0}
+            start = end = 1.0
         else:
             start, end = self._f((r - 1) / self.rounds), self._f(r / self.rounds)
-            entry = {"lr": self.peak_lr * start, "schedule": "cosine",
-                     "min-lr-fraction": end / start,
-                     "warmup-fraction": 0.3 if (self.warmup and r == 1) else 0.0}
-        entry["fine-tune"] = "linear" if r <= self.head_rounds else self.fine_tune
-        entry["send-bn"] = r == self.rounds  # FedBN: the last round's BN goes to the bundle
-        return entry
+        return {"lr": self.peak_lr * start, "schedule": "cosine", "min-lr-fraction": end / start,
+                "warmup-fraction": 0.3 if (self.warmup and r == 1) else 0.0,
+                "fine-tune": "linear" if r <= self.head_rounds else self.fine_tune,
+                "send-bn": r == self.rounds}  # FedBN: the last round's BN goes to the bundle
 
 
 @dataclass
