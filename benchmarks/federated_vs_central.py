@@ -46,14 +46,18 @@ from sdr_edge.artifacts.bundle import load_bundle  # noqa: E402
 from sdr_edge.artifacts.run_dir import load_sdrnet  # noqa: E402
 from sdr_edge.artifacts.signing import generate_keypair, load_public_key  # noqa: E402
 from sdr_edge.bench.paper_claim import interval  # noqa: E402
-from sdr_edge.federated.app_config import FederationConfig  # noqa: E402
-from sdr_edge.federated.byzantine import ATTACKS, ByzantineApp  # noqa: E402
-from sdr_edge.federated.local import LocalTrainConfig, evaluate_local, train_local  # noqa: E402
-from sdr_edge.federated.local_grid import LocalGrid, server_identity  # noqa: E402
+from sdr_edge.federated.client_app import app  # noqa: E402
+from sdr_edge.federated.config import FederationConfig  # noqa: E402
 from sdr_edge.federated.node_data import NodeDataConfig, load_node_data  # noqa: E402
 from sdr_edge.federated.server_flow import run_federation  # noqa: E402
+from sdr_edge.federated.testing import (  # noqa: E402
+    ATTACKS,
+    ByzantineApp,
+    LocalGrid,
+    server_identity,
+)
 from sdr_edge.models.classifier import SubnetModel  # noqa: E402
-from sdr_edge_client.client_app import app  # noqa: E402
+from sdr_edge.training.finetune import FineTuneConfig, evaluate_local, train_local  # noqa: E402
 
 TASKS = {"footwear-3": "fashion-mnist:test@5,7,9", "fashion-10": "fashion-mnist:test",
          "tops-4": "fashion-mnist:test@0,2,4,6", "digits-10": "builtin:digits"}
@@ -111,9 +115,9 @@ def parse_args() -> argparse.Namespace:
                    help="federated local epochs per round (default: the run config's)")
     p.add_argument("--lr", type=float, default=None,
                    help="federated peak lr (default: the run config's, ROUND_LR)")
-    p.add_argument("--central-epochs", type=int, default=LocalTrainConfig.epochs,
+    p.add_argument("--central-epochs", type=int, default=FineTuneConfig.epochs,
                    help="central fine-tune epochs (default: the recipe's)")
-    p.add_argument("--central-lr", type=float, default=LocalTrainConfig.lr)
+    p.add_argument("--central-lr", type=float, default=FineTuneConfig.lr)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seeds", type=int, default=3, help="partition/init seeds 0..n-1")
     p.add_argument("--byzantine", type=int, default=0, help="nodes that poison their updates")
@@ -208,7 +212,7 @@ def central(args, parts, spec, route: list[int], seed: int) -> dict:
     x_train, y_train = union(parts, "train")
     x_test, y_test = union(parts, "test")
     started = time.perf_counter()
-    train_local(model, x_train, y_train, spec, LocalTrainConfig(
+    train_local(model, x_train, y_train, spec, FineTuneConfig(
         epochs=args.central_epochs, lr=args.central_lr, batch_size=args.batch_size,
         seed=seed), progress="central")
     result = evaluate_local(model, x_test, y_test, spec)

@@ -30,11 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdr_edge.artifacts.run_dir import load_teacher  # noqa: E402
 from sdr_edge.data.sources import load_source  # noqa: E402
-from sdr_edge.federated.local import evaluate_local, train_local  # noqa: E402
 from sdr_edge.models.classifier import SubnetModel  # noqa: E402
 from sdr_edge.routing.evaluate import split_task  # noqa: E402
 from sdr_edge.routing.probe import extract_features, linear_probe_accuracy  # noqa: E402
-from sdr_edge.training.finetune import FineTuneConfig  # noqa: E402
+from sdr_edge.training.finetune import (  # noqa: E402
+    FineTuneConfig,
+    evaluate_local,
+    train_local,
+)
 
 NEW = FineTuneConfig()
 RECIPES: dict[str, FineTuneConfig] = {

@@ -35,7 +35,7 @@ from pydantic import (
 
 from sdr_edge.artifacts.atomic import atomic_write_text
 from sdr_edge.errors import SdrEdgeError
-from sdr_edge.federated.deployment import free_port, kv_config
+from sdr_edge.fleet.deployment import free_port, kv_config
 
 log = logging.getLogger("sdr_edge.agent")
 

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from sdr_edge.errors import SdrEdgeError
-from sdr_edge.federated.deployment import ProcessGroup
+from sdr_edge.fleet.deployment import ProcessGroup
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -151,7 +151,7 @@ def pipeline(out: Path, config: Path, rounds: int, procs: Processes, logs: Path)
     token = run_step([exe["sdr-server"], "token", "--tokens", tokens, "--name", "demo-fleet"],
                      logs / "token.log").strip().splitlines()[-1].strip()
     (keys / "client.token").write_text(token + "\n")
-    from sdr_edge.federated.deployment import free_port
+    from sdr_edge.fleet.deployment import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -8,7 +8,7 @@ from pathlib import Path
 from sdr_edge.artifacts.bundle import load_bundle
 from sdr_edge.artifacts.signing import load_public_key
 from sdr_edge.errors import SdrEdgeError
-from sdr_edge.federated.deployment import Fleet, FleetError
+from sdr_edge.fleet.deployment import Fleet, FleetError
 
 
 class FederationFailed(SdrEdgeError, RuntimeError):
@@ -54,6 +54,6 @@ def run_federation(out: Path, run_dir: Path, keys: Path, folders: dict[str, dict
 
 
 def _kv(values: dict) -> str:
-    from sdr_edge.federated.deployment import kv_config
+    from sdr_edge.fleet.deployment import kv_config
 
     return kv_config(values)

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sdr_edge.federated.fleet_keys import (
+    from sdr_edge.fleet.fleet_keys import (
         is_fleet_file,
         make_supernode_keys,
         make_tls_files,

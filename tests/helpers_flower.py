@@ -1,6 +1,6 @@
 """Real Flower Deployment Engine processes on loopback for the end-to-end tests.
 
-The processes themselves are run by the library's `sdr_edge.federated.deployment.Fleet` (the
+The processes themselves are run by the library's `sdr_edge.fleet.deployment.Fleet` (the
 demo uses the same class); this module adds the tests' shared assets and node configs.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdr_edge.federated.deployment import CONNECTION, Fleet, FleetError, free_port, kv_config
+from sdr_edge.fleet.deployment import CONNECTION, Fleet, FleetError, free_port, kv_config
 
 __all__ = ["CONNECTION", "Fleet", "FleetError", "digits_node", "federation_assets", "free_port",
            "kv_config"]

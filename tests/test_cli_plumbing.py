@@ -209,7 +209,7 @@ def test_route_ids_refused(text, kwargs, message):
 
 
 def test_route_ids_of_server_client_and_config_are_the_same_parser():
-    from sdr_edge.federated.app_config import FederationConfig, FederationConfigError
+    from sdr_edge.federated.config import FederationConfig, FederationConfigError
     from sdr_edge_server.registry import route_ids as server_ids
 
     assert server_ids.parse_route_id is parse_route_id

@@ -14,15 +14,15 @@ from helpers_flower import digits_node, federation_assets
 from sdr_edge.artifacts.bundle import load_bundle
 from sdr_edge.artifacts.run_dir import load_sdrnet
 from sdr_edge.artifacts.signing import load_public_key
-from sdr_edge.federated.app_config import FederationConfig, FederationConfigError
-from sdr_edge.federated.local_grid import LocalGrid, server_identity
+from sdr_edge.federated.client_app import NODE_DATA_ERROR, app
+from sdr_edge.federated.config import FederationConfig, FederationConfigError
 from sdr_edge.federated.partition import dirichlet_partition, iid_partition, train_test_split
 from sdr_edge.federated.records import describe_model, model_to_arrays
 from sdr_edge.federated.server_flow import run_federation
 from sdr_edge.federated.strategy import FederationError
+from sdr_edge.federated.testing import LocalGrid, server_identity
 from sdr_edge.models.classifier import SubnetModel
 from sdr_edge.routing.signature import Signature
-from sdr_edge_client.client_app import NODE_DATA_ERROR, app
 
 ROUTE = (1, 2, 0, 3)
 
@@ -272,7 +272,7 @@ def test_run_config_errors_name_the_key(assets):
 def test_node_keeps_only_a_bundle_that_verifies(assets, start, tmp_path, keypair):
     from sdr_edge.artifacts.bundle import write_bundle
     from sdr_edge.artifacts.transfer import read_folder
-    from sdr_edge.federated.client_tasks import bundle_record
+    from sdr_edge.federated.task import bundle_record
 
     model, spec = start
     key, pub, keydir = keypair

@@ -16,13 +16,12 @@ from helpers_flower import digits_node, federation_assets
 
 from sdr_edge.artifacts.bundle import load_bundle
 from sdr_edge.artifacts.signing import load_public_key
-from sdr_edge.federated.app_config import STRATEGIES, FederationConfig, FederationConfigError
-from sdr_edge.federated.byzantine import ByzantineApp
-from sdr_edge.federated.client_tasks import LOCAL_BN
-from sdr_edge.federated.local_grid import LocalGrid, server_identity
+from sdr_edge.federated.client_app import app
+from sdr_edge.federated.config import STRATEGIES, FederationConfig, FederationConfigError
 from sdr_edge.federated.server_flow import run_federation
 from sdr_edge.federated.strategy import RefusedUpdate, RoundSchedule, check_update
-from sdr_edge_client.client_app import app
+from sdr_edge.federated.task import LOCAL_BN
+from sdr_edge.federated.testing import ByzantineApp, LocalGrid, server_identity
 
 ROUTE = "1,2,0,3"
 

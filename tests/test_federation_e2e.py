@@ -20,8 +20,8 @@ from helpers_registry import serve_registry
 
 from sdr_edge.artifacts.bundle import load_bundle
 from sdr_edge.artifacts.signing import load_public_key
-from sdr_edge.federated.local import evaluate_local
 from sdr_edge.federated.node_data import NodeDataConfig, load_node_data
+from sdr_edge.training.finetune import evaluate_local
 from sdr_edge_client.agent import STATE_FILE
 
 pytestmark = pytest.mark.slow

@@ -13,9 +13,8 @@ import torch
 
 from sdr_edge.data import InputSpec, load_source
 from sdr_edge.data.augment import light_augment
-from sdr_edge.federated.app_config import FederationConfig
-from sdr_edge.federated.client_tasks import train_config
-from sdr_edge.federated.local import LocalTrainConfig, evaluate_local, train_local
+from sdr_edge.federated.config import FederationConfig
+from sdr_edge.federated.task import train_config
 from sdr_edge.models import Backbone, BackboneConfig
 from sdr_edge.models.classifier import SubnetModel
 from sdr_edge.routing.evaluate import split_task
@@ -23,10 +22,12 @@ from sdr_edge.routing.probe import extract_features, linear_probe_accuracy
 from sdr_edge.training.finetune import (
     ROUND_LR,
     FineTuneConfig,
+    evaluate_local,
     fine_tune,
     make_optimizer,
     probe_init_head,
     to_tensors,
+    train_local,
 )
 
 TINY = BackboneConfig.preset("small", in_channels=1, widths=(8, 16, 16, 32), stem_width=8)
@@ -188,7 +189,6 @@ def test_bad_recipe_values_are_refused_with_the_field_named(field, value, messag
 
 
 def test_defaults_live_once():
-    assert LocalTrainConfig is FineTuneConfig
     assert FederationConfig.model_fields["lr"].default == ROUND_LR  # one constant, Flower path
     cfg = train_config({"local-epochs": 2})
     assert (cfg.epochs, cfg.lr, cfg.optimizer, cfg.probe_init) == (2, ROUND_LR,

@@ -1,6 +1,6 @@
 """The layering rule: apps (server/, client/, export/) import only the library `sdr_edge` and
 third-party packages, never each other; `sdr_edge` imports no app. An app has two names, its
-folder's (`server`: the Flower FAB's layout) and its installed one (`sdr_edge_server`, pyproject's
+folder's (`server`: the repository's layout) and its installed one (`sdr_edge_server`, pyproject's
 package-dir); both count, and an app reaches its own modules only by relative imports, the one
 spelling that works under either name.
 
@@ -106,7 +106,7 @@ def absolute_self_imports(source: str, relpath: str) -> list[str]:
     """'file:line: message' for each absolute import an app makes of its own modules.
 
     `server.x` breaks the installed wheel (there it is `sdr_edge_server.x`), `sdr_edge_server.x`
-    breaks the Flower FAB (the repository layout); `from .x import` works in both.
+    breaks a checkout (the repository layout); `from .x import` works in both.
     """
     owner = relpath.replace("\\", "/").split("/", 1)[0]
     if owner not in APPS:

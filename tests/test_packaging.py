@@ -131,8 +131,8 @@ def test_the_unpacked_wheel_runs_its_programs_and_provides_no_generic_name(wheel
 
 
 def test_the_repository_layout_still_imports_the_apps_by_their_folder_names():
-    """The Flower FAB keeps this layout (`server.server_app:app`): from the repository root
-    the apps import under their folder names, and their command tables follow that name."""
+    """From the repository root the apps import under their folder names, and their command
+    tables follow that name."""
     probe = ("import server.cli, client.cli, export.cli, server.registry.app\n"
              "print(server.cli.COMMANDS['serve'], client.cli.COMMANDS['agent'], "
              "export.cli.COMMANDS['onnx'])\n")
@@ -140,3 +140,36 @@ def test_the_repository_layout_still_imports_the_apps_by_their_folder_names():
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["server.serve_cmd", "client.agent_cmd", "export.onnx_cmd"]
+
+
+def test_the_flower_fab_is_the_library_alone_and_its_components_load_from_it(tmp_path):
+    """The FAB a SuperLink ships to the nodes holds pyproject.toml and sdr_edge/ only (no app
+    folder), and from the unpacked FAB the ServerApp and ClientApp named in pyproject's
+    `[tool.flwr.app.components]` import, from the FAB's own copy of sdr_edge."""
+    pytest.importorskip("flwr")
+    import io
+    import tomllib
+
+    from flwr.cli.build import build_fab_from_disk
+
+    fab = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(REPO)))
+    tops = {n.split("/", 1)[0] for n in fab.namelist()}
+    assert tops == {"pyproject.toml", "sdr_edge", ".info"}, tops
+    fab.extractall(tmp_path)
+    config = tomllib.loads((tmp_path / "pyproject.toml").read_text(encoding="utf-8"))
+    components = config["tool"]["flwr"]["app"]["components"]
+    assert set(components) == {"serverapp", "clientapp"}
+    probe = ("import importlib, sys\n"
+             "for ref in sys.argv[1:]:\n"
+             "    module, attr = ref.split(':')\n"
+             "    m = importlib.import_module(module)\n"
+             "    print(type(getattr(m, attr)).__name__, m.__file__)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONPATH"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", probe, components["serverapp"],
+                           components["clientapp"]], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line.split() for line in proc.stdout.splitlines()]
+    assert [kind for kind, _ in lines] == ["ServerApp", "ClientApp"]
+    assert all(Path(path).is_relative_to(tmp_path) for _, path in lines), lines

@@ -417,7 +417,7 @@ def test_route_ids_are_fullmatched(text):
 def test_config_route_is_plain_digits(text):
     from types import SimpleNamespace
 
-    from sdr_edge.federated.app_config import FederationConfig, FederationConfigError
+    from sdr_edge.federated.config import FederationConfig, FederationConfigError
 
     with pytest.raises(FederationConfigError, match="is not digits like"):
         FederationConfig.fixed_route(SimpleNamespace(route=text))

@@ -34,12 +34,12 @@ from sdr_edge.bench.budgets import BUDGETS, Budget, TaskSpec, tasks, train_confi
 from sdr_edge.data.preprocess import InputSpec
 from sdr_edge.data.sources import load_source
 from sdr_edge.errors import SdrEdgeError
-from sdr_edge.federated.local import LocalTrainConfig, evaluate_local, train_local
 from sdr_edge.models.classifier import SubnetModel
 from sdr_edge.models.resnet import Backbone
 from sdr_edge.routing.evaluate import evaluate_routing, plot_routing, split_task
 from sdr_edge.routing.probe import extract_features, linear_probe_accuracy
 from sdr_edge.training.config import config_from_dict
+from sdr_edge.training.finetune import FineTuneConfig, evaluate_local, train_local
 from sdr_edge.training.pipeline import train
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,8 @@ def finetune_accuracy(backbone: Backbone, spec: InputSpec, x_tr: np.ndarray, y_t
     """Full fine-tuning (backbone + linear head) with the library's recipe; test accuracy."""
     torch.manual_seed(seed)  # the head's initialisation: same seed, same number
     model = SubnetModel(copy.deepcopy(backbone), num_classes)
-    cfg = LocalTrainConfig(epochs=budget.finetune_epochs, lr=budget.finetune_lr, mode="full",
-                           seed=seed)
+    cfg = FineTuneConfig(epochs=budget.finetune_epochs, lr=budget.finetune_lr, mode="full",
+                         seed=seed)
     train_local(model, x_tr, y_tr, spec, cfg, progress="fine-tune")
     return evaluate_local(model, x_te, y_te, spec).accuracy
 

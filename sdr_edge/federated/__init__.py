@@ -1,5 +1,8 @@
-"""Federated fine-tuning of a routed sub-net: data partitions, local loops, Flower plumbing.
+"""The Flower app (federated fine-tuning of a routed sub-net), laid out as Flower's quickstart.
 
-The Flower apps (`server/server_app.py`, `client/client_app.py`) are thin; what they run lives
-here so that tests and the in-process benchmark call exactly the same functions.
+`client_app` and `server_app` hold the ClientApp and ServerApp that pyproject's
+`[tool.flwr.app.components]` name, with thin handlers; `task` is what a node does per message,
+`server_flow` the server's run, `strategy` the aggregation, `config` the run config. Tests and
+the in-process benchmark call the same functions (`testing.LocalGrid` delivers the messages).
+Deploying the fleet (SuperLink, SuperNodes, certificates) lives beside it, in `sdr_edge.fleet`.
 """

@@ -22,8 +22,7 @@ from flwr.serverapp import Grid
 from sdr_edge.artifacts.bundle import load_bundle, write_bundle
 from sdr_edge.artifacts.signing import load_private_key, load_public_key
 from sdr_edge.data.preprocess import InputSpec
-from sdr_edge.federated.app_config import FederationConfig, FederationConfigError
-from sdr_edge.federated.client_tasks import BUNDLE_ACTION, METRICS, SIGNATURE, bundle_record
+from sdr_edge.federated.config import FederationConfig, FederationConfigError
 from sdr_edge.federated.records import (
     arrays_into_model,
     arrays_nbytes,
@@ -38,6 +37,7 @@ from sdr_edge.federated.strategy import (
     reply_outcomes,
     wait_for_nodes,
 )
+from sdr_edge.federated.task import BUNDLE_ACTION, METRICS, SIGNATURE, bundle_record
 from sdr_edge.models.classifier import SubnetModel
 from sdr_edge.models.resnet import Backbone
 from sdr_edge.routing.signature import (

@@ -45,7 +45,7 @@ from flwr.serverapp.strategy import (
 )
 
 from sdr_edge.errors import SdrEdgeError
-from sdr_edge.federated.app_config import FederationConfig
+from sdr_edge.federated.config import FederationConfig
 from sdr_edge.federated.records import arrays_nbytes
 
 log = logging.getLogger(__name__)

@@ -67,7 +67,7 @@ class FineTuneError(SdrEdgeError, ValueError):
 @dataclass(frozen=True)
 class FineTuneConfig:
     """One fine-tuning call's recipe. `lr` is the head's peak rate; the backbone gets
-    `lr * backbone_lr_scale`. The first eight fields are the old LocalTrainConfig's."""
+    `lr * backbone_lr_scale`."""
 
     epochs: int = 10
     lr: float = 1e-3
@@ -306,3 +306,28 @@ def evaluate(model: SubnetModel, images: np.ndarray, labels: np.ndarray, spec: I
         loss += float(F.cross_entropy(logits, target, reduction="sum"))
         correct += int((logits.argmax(1) == target).sum())
     return EvalResult(loss / len(y), correct / len(y), len(y))
+
+
+# -- what a node, the in-process benchmark, the central baseline and the paper-claim bench run:
+# the same two calls, so federated and central numbers differ only in how data is split.
+def train_local(model: SubnetModel, images: np.ndarray, labels: np.ndarray, spec: InputSpec,
+                cfg: FineTuneConfig, progress: str | None = None) -> TrainResult:
+    """Fine-tune with the recipe `cfg`; FedProx term when cfg.proximal_mu > 0.
+
+    oneDNN is switched off while training: with torch 2.13 (oneDNN 3.12) on 2 CPU threads,
+    the backward pass of narrow (8-channel) sub-nets corrupts the heap on some batch sizes
+    (a segfault or "double free" that kills the ClientApp). PyTorch's native kernels are
+    correct and, at the sizes fine-tuned on devices here, not the bottleneck.
+    """
+    onednn = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        return fine_tune(model, images, labels, spec, cfg, progress or "local training")
+    finally:
+        torch.backends.mkldnn.enabled = onednn
+
+
+def evaluate_local(model: SubnetModel, images: np.ndarray, labels: np.ndarray, spec: InputSpec,
+                   batch_size: int = 256) -> EvalResult:
+    """Cross-entropy and accuracy of the model on held-out images."""
+    return evaluate(model, images, labels, spec, batch_size)

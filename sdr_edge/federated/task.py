@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from sdr_edge.federated.local import LocalTrainConfig, evaluate_local, train_local
 from sdr_edge.federated.node_data import NodeData, NodeDataConfig, NodeDataError, load_node_data
 from sdr_edge.federated.records import (
     arrays_into_model,
@@ -24,7 +23,7 @@ from sdr_edge.federated.records import (
     model_from_config,
     model_to_arrays,
 )
-from sdr_edge.training.finetune import ROUND_LR
+from sdr_edge.training.finetune import ROUND_LR, FineTuneConfig, evaluate_local, train_local
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +89,14 @@ def _flag(value: object) -> bool:
     return str(value).lower() in ("true", "1", "yes")
 
 
-def train_config(config: Mapping[str, object]) -> LocalTrainConfig:
+def train_config(config: Mapping[str, object]) -> FineTuneConfig:
     """The round's local recipe from the server's ConfigRecord; unset keys take the recipe's
-    defaults (LocalTrainConfig). The server's round schedule sets lr, warmup-fraction,
+    defaults (FineTuneConfig). The server's round schedule sets lr, warmup-fraction,
     min-lr-fraction and fine-tune per round (sdr_edge.federated.strategy.RoundSchedule). A
     node re-fits the shared head to its own data first (LP-FT probe init) only when
     "probe-init" is true."""
-    d = LocalTrainConfig()
-    return LocalTrainConfig(
+    d = FineTuneConfig()
+    return FineTuneConfig(
         epochs=int(config.get("local-epochs", 1)),  # type: ignore[arg-type]
         lr=float(config.get("lr", ROUND_LR)),  # type: ignore[arg-type]
         batch_size=int(config.get("batch-size", d.batch_size)),  # type: ignore[arg-type]

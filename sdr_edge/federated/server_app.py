@@ -13,7 +13,7 @@ import sys
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from sdr_edge.federated.app_config import FederationConfig
+from sdr_edge.federated.config import FederationConfig
 from sdr_edge.federated.server_flow import run_federation
 
 app = ServerApp()

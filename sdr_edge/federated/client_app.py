@@ -1,6 +1,6 @@
 """The Flower ClientApp: signature query, local fine-tuning and evaluation on a SuperNode.
 
-Handlers are thin: the work is in `sdr_edge.federated.client_tasks`. A node whose local data
+Handlers are thin: the work is in `sdr_edge.federated.task`. A node whose local data
 is missing, empty or unreadable answers with an error reply naming the problem, so the
 server logs it and goes on instead of waiting for the round timeout.
 """
@@ -13,14 +13,14 @@ from collections.abc import Callable
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from sdr_edge.federated.client_tasks import (
+from sdr_edge.federated.node_data import NodeDataError
+from sdr_edge.federated.task import (
     BUNDLE_ACTION,
     evaluate_task,
     query_task,
     receive_bundle_task,
     train_task,
 )
-from sdr_edge.federated.node_data import NodeDataError
 
 log = logging.getLogger(__name__)
 
