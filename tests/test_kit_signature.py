@@ -13,8 +13,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from tiny_run import make_tiny_run
+from helpers_rundir import shared_tiny_run
 
+from sdr_edge.artifacts.run_dir import load_codes
 from sdr_edge.artifacts.signing import generate_keypair, load_private_key, load_public_key
 from sdr_edge.artifacts.transfer import read_folder, sign_kit, write_files_atomically
 from sdr_edge.artifacts.weights import load_tensors
@@ -49,8 +50,8 @@ def signed_kit(tiny_run, keys, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    run_dir, codes = make_tiny_run(tmp_path_factory.mktemp("run") / "run")
-    return run_dir, codes
+    run_dir = shared_tiny_run(tmp_path_factory.getbasetemp(), clustered=True)
+    return run_dir, load_codes(run_dir)[0].numpy()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import cv2
 import numpy as np
 import pytest
-from tiny_run import make_tiny_run
+from helpers_rundir import shared_tiny_run
 
 from sdr_edge.routing.evaluate import (
     evaluate_routing,
@@ -20,7 +20,7 @@ from sdr_edge.routing.probe import linear_probe_accuracy
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    return make_tiny_run(tmp_path_factory.mktemp("run") / "run")[0]
+    return shared_tiny_run(tmp_path_factory.getbasetemp(), clustered=True)
 
 
 def test_evaluate_all_candidates(tiny_run):
