@@ -29,9 +29,11 @@ def test_sigkill_one_supernode_mid_run(fleet, tmp_path, tmp_path_factory):
     fleet.wait_for_nodes(2)
     out_dir = tmp_path / "out"
     # Two nodes must answer the signature query; each round then goes on with whoever is left.
+    # One local epoch: the 20 s round timeout is about dropouts, not the recipe's 3 epochs.
     proc, lines = fleet.start_app({
         "run-dir": str(assets["run_dir"]), "signing-key": str(assets["key"]),
-        "out-dir": str(out_dir), "num-server-rounds": 3, "min-nodes": 2, "min-round-nodes": 1,
+        "out-dir": str(out_dir), "num-server-rounds": 3, "local-epochs": 1, "min-nodes": 2,
+        "min-round-nodes": 1,
         "round-timeout": 20.0, "node-wait-timeout": 60.0, "evaluate-start": False})
     deadline = time.monotonic() + 400
     while not any("[ROUND 2/3]" in line for line in lines):
