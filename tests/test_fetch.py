@@ -15,6 +15,7 @@ import torch
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 from helpers_registry import make_credentials, serve_registry
 from helpers_rundir import TINY_BRANCHING, TINY_SPEC, shared_tiny_run
@@ -192,7 +193,10 @@ def test_unpack_refuses_garbage_and_oversize():
 
 def test_transfer_names_match_bundle_module():
     assert (transfer.MANIFEST, transfer.SIGNATURE) == (bundle_mod.MANIFEST, bundle_mod.SIGNATURE)
-    assert transfer.canonical_json({"b": 1, "a": [1]}) == bundle_mod.manifest_bytes({"b": 1, "a": [1]})
+    from sdr_edge.artifacts.signed import manifest_bytes
+
+    kit = transfer.sign_kit({"kit.json": b"{}"}, Ed25519PrivateKey.generate())
+    assert kit[transfer.MANIFEST] == manifest_bytes(json.loads(kit[transfer.MANIFEST]))
 
 
 def test_token_and_keygen_commands(tmp_path, capsys):

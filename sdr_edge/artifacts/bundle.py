@@ -7,7 +7,6 @@ manifest and the safetensors alone (nothing is unpickled).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,11 +25,11 @@ from sdr_edge.artifacts.signed import (  # noqa: F401 - re-exported: the one bun
     SIGNATURE,
     WEIGHTS,
     BundleError,
+    sign_manifest,
     verify_bundle_files,
     verify_bundle_folder,
     verify_signed_files,
 )
-from sdr_edge.artifacts.signing import sign
 from sdr_edge.artifacts.staging import resolve_out, staged_dir
 from sdr_edge.artifacts.weights import save_module
 from sdr_edge.data.preprocess import InputSpec
@@ -49,11 +48,6 @@ class Bundle:
     @property
     def input_spec(self) -> InputSpec:
         return InputSpec.from_dict(self.manifest["input_spec"])
-
-
-def manifest_bytes(manifest: dict) -> bytes:
-    """Canonical JSON: the exact bytes that are signed."""
-    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def write_bundle_files(model: SubnetModel, folder: Path, route: Sequence[int], spec: InputSpec,
@@ -77,9 +71,8 @@ def write_bundle_files(model: SubnetModel, folder: Path, route: Sequence[int], s
         "files": {name: sha256_file(folder / name) for name in files},
         "provenance": {"created_unix": int(time.time()), **(provenance or {})},
     }
-    data = manifest_bytes(manifest)
-    (folder / MANIFEST).write_bytes(data)
-    (folder / SIGNATURE).write_bytes(sign(key, data))
+    for name, data in sign_manifest(manifest, key).items():
+        (folder / name).write_bytes(data)
     return folder
 
 

@@ -17,10 +17,10 @@ import stat
 from collections.abc import Collection
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sdr_edge.artifacts.atomic import sha256_bytes
-from sdr_edge.artifacts.signing import SignatureError, verify
+from sdr_edge.artifacts.signing import SignatureError, sign, verify
 from sdr_edge.errors import SdrEdgeError
 
 MANIFEST = "manifest.json"
@@ -37,6 +37,20 @@ _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 class BundleError(SdrEdgeError, ValueError):
     """A bundle or kit is incomplete, tampered with, unsafe or of an unknown format."""
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    """Canonical JSON (sorted keys, two-space indent, final newline): the bytes signed."""
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def sign_manifest(manifest: dict, key: Ed25519PrivateKey) -> dict[str, bytes]:
+    """`manifest.json` and `manifest.sig` for a manifest whose "files" lists every other file:
+    the one signing rule for bundles and kits, whatever writes them (disk or memory)."""
+    if not isinstance(manifest.get("files"), dict):
+        raise BundleError("a signed manifest must list its files with their sha256")
+    data = manifest_bytes(manifest)
+    return {MANIFEST: data, SIGNATURE: sign(key, data)}
 
 
 def is_plain_name(name: str) -> bool:

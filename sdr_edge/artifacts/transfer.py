@@ -9,7 +9,6 @@ files to a staging folder that is renamed into place. A refused archive leaves n
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 import time
 from pathlib import Path
@@ -26,10 +25,10 @@ from sdr_edge.artifacts.signed import (  # noqa: F401 - re-exported (torch-free 
     SIGNATURE,
     BundleError,
     is_plain_name,
+    sign_manifest,
     verify_bundle_files,
     verify_kit_files,
 )
-from sdr_edge.artifacts.signing import sign
 from sdr_edge.artifacts.staging import resolve_out, staged_dir
 from sdr_edge.errors import SdrEdgeError
 
@@ -116,11 +115,6 @@ def verify_bundle_archive(files: dict[str, bytes], pubkey: Ed25519PublicKey) -> 
         raise TransferError(f"bundle refused: {exc}") from exc
 
 
-def canonical_json(manifest: dict) -> bytes:
-    """The exact bytes that are signed (same rule as bundle.manifest_bytes)."""
-    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
-
-
 def sign_kit(files: dict[str, bytes], key: Ed25519PrivateKey,
              provenance: dict | None = None) -> dict[str, bytes]:
     """The kit's files plus a signed manifest (sha256 of each file), ready to pack."""
@@ -134,8 +128,7 @@ def sign_kit(files: dict[str, bytes], key: Ed25519PrivateKey,
         "files": {name: sha256_bytes(content) for name, content in sorted(files.items())},
         "provenance": {"created_unix": int(time.time()), **(provenance or {})},
     }
-    data = canonical_json(manifest)
-    return {**files, MANIFEST: data, SIGNATURE: sign(key, data)}
+    return {**files, **sign_manifest(manifest, key)}
 
 
 def verify_kit_archive(files: dict[str, bytes], pubkey: Ed25519PublicKey) -> dict:
