@@ -11,8 +11,10 @@ Keys (all optional except `data`):
     limit           keep a seeded subset of the source first (large built-in sets)
     test-fraction   share of the node's images held out for `evaluate` (default 0.2)
     kit-dir         the signature kit (RUN_DIR/kit or the one fetched from the registry)
+    dp-epsilon      release a differentially private signature (sdr_edge.routing.privacy)
+    bundle-dir      keep the signed fine-tuned bundle here; server-pubkey verifies it
 
-A node whose data is missing, empty or unlabelled when labels are needed gets a
+Any other key is refused (NodeConfig). A node whose data is missing, empty or unlabelled when labels are needed gets a
 `NodeDataError` naming the problem; the ClientApp turns it into an error reply.
 """
 
@@ -23,6 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sdr_edge.data.sources import ImageSource, load_source
 from sdr_edge.errors import SdrEdgeError
@@ -35,9 +45,67 @@ class NodeDataError(SdrEdgeError, ValueError):
     """The node's local data cannot be used (missing, empty, unreadable or unlabelled)."""
 
 
+class NodeConfig(BaseModel):
+    """Every key a SuperNode's `--node-config` may hold (unknown keys are refused: a typo such
+    as `kit_dir` would otherwise surface only as a missing kit, rounds later)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")  # aliases only: kit_dir is a typo
+
+    data: str = Field(min_length=1)
+    partition_id: int = Field(0, alias="partition-id", ge=0)
+    num_partitions: int = Field(1, alias="num-partitions", ge=1)
+    alpha: float = Field(0.0, alias="alpha", ge=0)
+    partition_seed: int = Field(0, alias="partition-seed")
+    limit: int | None = Field(None, alias="limit", ge=0)
+    test_fraction: float = Field(DEFAULT_TEST_FRACTION, alias="test-fraction", gt=0, lt=1)
+    kit_dir: str | None = Field(None, alias="kit-dir")
+    dp_epsilon: float | None = Field(None, alias="dp-epsilon", ge=0)
+    bundle_dir: str | None = Field(None, alias="bundle-dir")
+    server_pubkey: str | None = Field(None, alias="server-pubkey")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _strip(cls, value: object) -> object:
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("limit", "kit_dir", "dp_epsilon", "bundle_dir", "server_pubkey",
+                     mode="before")
+    @classmethod
+    def _unset(cls, value: object) -> object:
+        return None if value in ("", 0) else value  # Flower's node config has no null
+
+    @model_validator(mode="after")
+    def _in_range(self) -> NodeConfig:
+        if self.partition_id >= self.num_partitions:
+            raise ValueError(f"partition-id {self.partition_id} out of range for "
+                             f"num-partitions {self.num_partitions}")
+        return self
+
+    @classmethod
+    def parse(cls, node_config: Mapping[str, object]) -> NodeConfig:
+        """Validated node config; NodeDataError naming each bad key otherwise."""
+        if not str(node_config.get("data") or "").strip():
+            raise NodeDataError("node config has no 'data' entry (start the SuperNode with "
+                                "--node-config 'data=\"/path/to/images\"' or data=\"builtin:digits\")")
+        try:
+            return cls.model_validate(dict(node_config))
+        except ValidationError as exc:
+            raise NodeDataError("bad node config: " + "; ".join(
+                _describe(e) for e in exc.errors())) from None
+
+
+def _describe(error: Mapping) -> str:
+    loc = ".".join(str(p) for p in error.get("loc", ()))
+    if error.get("type") == "extra_forbidden":
+        return f"unknown key {loc!r}"
+    if not loc:
+        return str(error.get("msg", "")).removeprefix("Value error, ")
+    return f"{loc!r}: {error.get('msg')} (got {error.get('input')!r})"
+
+
 @dataclass(frozen=True)
 class NodeDataConfig:
-    """What `--node-config` says about the node's data."""
+    """What the node config says about the node's data (hashable: the data cache's key)."""
 
     data: str
     partition_id: int = 0
@@ -50,28 +118,9 @@ class NodeDataConfig:
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object]) -> NodeDataConfig:
-        data = node_config.get("data")
-        if not isinstance(data, str) or not data.strip():
-            raise NodeDataError("node config has no 'data' entry (start the SuperNode with "
-                                "--node-config 'data=\"/path/to/images\"' or data=\"builtin:digits\")")
-        try:
-            cfg = cls(
-                data=data.strip(),
-                partition_id=int(node_config.get("partition-id", 0)),  # type: ignore[arg-type]
-                num_partitions=int(node_config.get("num-partitions", 1)),  # type: ignore[arg-type]
-                alpha=float(node_config.get("alpha", 0.0)),  # type: ignore[arg-type]
-                partition_seed=int(node_config.get("partition-seed", 0)),  # type: ignore[arg-type]
-                limit=_optional_int(node_config.get("limit")),
-                test_fraction=float(node_config.get("test-fraction",  # type: ignore[arg-type]
-                                                    DEFAULT_TEST_FRACTION)),
-                kit_dir=_optional_str(node_config.get("kit-dir")),
-            )
-        except (TypeError, ValueError) as exc:
-            raise NodeDataError(f"bad node config: {exc}") from exc
-        if not 0 <= cfg.partition_id < cfg.num_partitions:
-            raise NodeDataError(f"partition-id {cfg.partition_id} out of range for "
-                                f"num-partitions {cfg.num_partitions}")
-        return cfg
+        c = NodeConfig.parse(node_config)
+        return cls(c.data, c.partition_id, c.num_partitions, c.alpha, c.partition_seed,
+                   c.limit, c.test_fraction, c.kit_dir)
 
 
 @dataclass
@@ -97,14 +146,6 @@ def num_classes_of(*sources: ImageSource) -> int:
             return len(s.label_names)
     top = [int(s.labels.max()) for s in sources if s.labels is not None and len(s)]
     return max(top) + 1 if top else 0
-
-
-def _optional_int(v: object) -> int | None:
-    return None if v in (None, "", 0) else int(v)  # type: ignore[arg-type]
-
-
-def _optional_str(v: object) -> str | None:
-    return None if v in (None, "") else str(v)
 
 
 def load_partition(cfg: NodeDataConfig, image_size: int, channels: int) -> ImageSource:
