@@ -23,9 +23,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # A device install in a fresh venv (core dependencies only, no torch) runs signature, fetch and
-# infer against a real registry: tests/test_device_install.py (also part of `make test`).
+# infer against a real registry: tests/project/test_device_install.py (also part of `make test`).
 device-check: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests/test_device_install.py
+	$(PY) -m pytest -q -p no:cacheprovider tests/project/test_device_install.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -28,7 +28,7 @@ NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "httpx")
 
 
 # Import name -> the extra of pyproject's [project.optional-dependencies] that installs it (test:
-# tests/test_cli_plumbing.py reads pyproject). Where several extras hold a package, the one named
+# test_cli_plumbing.py reads pyproject). Where several extras hold a package, the one named
 # is the smallest that runs the commands importing it: torch -> export (`sdr-client prune`,
 # `sdr-export onnx`; `fetch --rerank` names its own, smaller extra before anything runs).
 EXTRA_OF = {

@@ -176,7 +176,7 @@ def seed_centroids(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Greedy k-means++ seeding (scikit-learn's) on a bounded random sample of `x`.
 
     Both backends start from these seeds. faiss's own k-means++ and random seeding landed in a
-    merged-blobs local minimum in 3 of 10 seeds on tests/test_clustering.py's hierarchical data;
+    merged-blobs local minimum in 3 of 10 seeds on test_clustering.py's hierarchical data;
     greedy k-means++ (several candidates per pick) found the structure every time. Seeding on a
     sample keeps its cost independent of N.
     """

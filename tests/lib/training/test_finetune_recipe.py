@@ -197,6 +197,6 @@ def test_defaults_live_once():
 
 
 def test_flower_app_config_uses_the_round_lr():
-    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    pyproject = Path(__file__).resolve().parents[3] / "pyproject.toml"
     app = tomllib.loads(pyproject.read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"]
     assert app["lr"] == ROUND_LR

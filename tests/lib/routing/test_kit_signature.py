@@ -24,7 +24,7 @@ from sdr_edge.routing.kit import SignatureKitNet
 from sdr_edge.routing.kit_runtime import KitError, KitRunner, compute_signature
 from sdr_edge.routing.signature import route_signature, run_id_of, validate_signature
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from sdr_edge.training.distributed import DistEnv, rank_batches
 from sdr_edge.training.metrics import read_metrics
 from sdr_edge.training.pipeline import split_indices
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 TINY = ROOT / "configs" / "tiny.toml"
 
 

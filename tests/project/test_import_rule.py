@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 APPS = ("server", "client", "export")
 LIBRARY = "sdr_edge"
 DYNAMIC_IMPORTERS = {"import_module", "find_spec", "__import__"}

@@ -163,7 +163,7 @@ def test_pyproject_run_config_lists_every_key_with_the_models_default():
     import tomllib
     from pathlib import Path
 
-    declared = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(
+    declared = tomllib.loads((Path(__file__).resolve().parents[3] / "pyproject.toml").read_text(
     ))["tool"]["flwr"]["app"]["config"]
     fields = {f.alias: name for name, f in FederationConfig.model_fields.items()}
     assert set(declared) == set(fields)

@@ -30,7 +30,7 @@ from sdr_edge.training.checkpoint import (
 from sdr_edge.training.metrics import read_metrics
 from sdr_edge.training.pipeline import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 CONFIG = """
 [data]

@@ -18,7 +18,7 @@ from sdr_edge.artifacts.weights import load_tensors, read_metadata
 from sdr_edge.training.checkpoint import checkpoint_path
 from sdr_edge.training.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 CONFIG = """
 [data]

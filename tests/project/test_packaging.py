@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 INSTALLED = {"server": "sdr_edge_server", "client": "sdr_edge_client", "export": "sdr_edge_export"}
 PROGRAMS = {"sdr-server": "sdr_edge_server.cli:main", "sdr-client": "sdr_edge_client.cli:main",
             "sdr-export": "sdr_edge_export.cli:main"}

@@ -13,7 +13,7 @@ import pytest
 from sdr_edge.artifacts import run_dir as rd
 from sdr_edge.training.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 CONFIG = """
 [data]

@@ -17,7 +17,7 @@ import pytest
 
 from sdr_edge.cli import EXTRA_OF, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Import names whose distribution is not installed here (GPU-only wheels): their PyPI names.
 NOT_INSTALLED_DISTS = {"tensorrt": "tensorrt", "cuda": "cuda-python"}
 

@@ -31,7 +31,7 @@ from sdr_edge.routing.signature import run_id_of, validate_signature
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Top-level packages that only the server, federated and export extras bring: a device
 # command must not import (or even try to import) any of them.
 SERVER_SIDE = ("torch", "torchvision", "torch_pruning", "safetensors", "sklearn", "scipy",

@@ -151,7 +151,7 @@ def test_negative_transfer_cli_fails_fast_without_fonts(tmp_path, monkeypatch, c
     import importlib.util
 
     monkeypatch.setenv("SDR_FONT_DIRS", str(tmp_path / "no-fonts"))
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "negative_transfer.py"
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / "negative_transfer.py"
     spec = importlib.util.spec_from_file_location("negative_transfer_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

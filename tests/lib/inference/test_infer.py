@@ -23,7 +23,7 @@ from sdr_edge.inference.model_file import ENGINE, ONNX, ModelFileError, detect_m
 from sdr_edge.inference.predict import load_for_model, prepare_for_model
 from sdr_edge_client.cli import main as client_main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from sdr_edge.errors import SdrEdgeError
 from sdr_edge.registry_client import TOKEN_ENV, RegistryError, TokenError, resolve_token
 from sdr_edge.routing.route_ids import RouteIdError, format_route_id, parse_route_id
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROGRAMS = {"sdr-server": "sdr_edge_server.cli", "sdr-client": "sdr_edge_client.cli",
             "sdr-export": "sdr_edge_export.cli"}
 
