@@ -6,7 +6,7 @@ aggregated signature, the configured strategy and round schedule, evaluation on 
 held-out split) over N nodes holding IID or Dirichlet(alpha) partitions. It runs IN-PROCESS
 on `LocalGrid` (the ClientApp handlers called directly, no SuperLink, no network), so a cell
 takes seconds to a minute; messages, strategies and train/eval code are the ones the
-Deployment Engine runs (tests/test_federation_*).
+Deployment Engine runs (tests/lib/federated/test_federation_*).
 
 Central: the same sub-net with the same initial head, trained with the fine-tune recipe
 (`sdr_edge.training.finetune`, its defaults: AdamW 1e-3, cosine, 10 epochs) on the union of

@@ -170,3 +170,18 @@ def test_pyproject_run_config_lists_every_key_with_the_models_default():
     defaults = FederationConfig(run_dir="r", signing_key="k")
     loaded = FederationConfig.from_run_config({**declared, "run-dir": "r", "signing-key": "k"})
     assert loaded == defaults
+
+
+def test_node_config_refuses_unknown_keys_and_names_bad_values():
+    from sdr_edge.federated.node_data import NodeDataConfig, NodeDataError
+
+    ok = NodeDataConfig.from_node_config({"data": " builtin:digits ", "limit": 0, "kit-dir": ""})
+    assert (ok.data, ok.limit, ok.kit_dir) == ("builtin:digits", None, None)
+    with pytest.raises(NodeDataError, match="unknown key 'kit_dir'"):
+        NodeDataConfig.from_node_config({"data": "builtin:digits", "kit_dir": "k"})
+    with pytest.raises(NodeDataError, match="'alpha'.*got 'skewed'"):
+        NodeDataConfig.from_node_config({"data": "builtin:digits", "alpha": "skewed"})
+    with pytest.raises(NodeDataError, match="partition-id 2 out of range for num-partitions 2"):
+        NodeDataConfig.from_node_config({"data": "x", "partition-id": 2, "num-partitions": 2})
+    with pytest.raises(NodeDataError, match="no 'data' entry"):
+        NodeDataConfig.from_node_config({"partition-id": 0})
