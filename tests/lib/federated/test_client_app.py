@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from helpers_flower import digits_node, federation_assets
+from helpers_flower import digits_node
 
 from sdr_edge.artifacts.bundle import load_bundle
 from sdr_edge.artifacts.run_dir import load_sdrnet
@@ -28,17 +28,8 @@ ROUTE = (1, 2, 0, 3)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Local training is tiny: one thread avoids OpenMP contention on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return federation_assets(tmp_path_factory.getbasetemp())
+def _one_thread(one_thread):
+    """Every test here trains: one torch thread (conftest)."""
 
 
 @pytest.fixture(scope="module")

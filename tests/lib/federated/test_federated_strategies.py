@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord
-from helpers_flower import digits_node, federation_assets
+from helpers_flower import digits_node
 
 from sdr_edge.artifacts.bundle import load_bundle
 from sdr_edge.artifacts.signing import load_public_key
@@ -27,16 +27,8 @@ ROUTE = "1,2,0,3"
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return federation_assets(tmp_path_factory.getbasetemp())
+def _one_thread(one_thread):
+    """Every test here trains: one torch thread (conftest)."""
 
 
 def federate(assets, out, nodes=4, client=app, alpha=0.0, limit=800, **config) -> dict:
