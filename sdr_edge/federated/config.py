@@ -21,7 +21,9 @@ from pydantic import (
 )
 
 from sdr_edge.errors import SdrEdgeError
-from sdr_edge.training.finetune import ROUND_LR
+from sdr_edge.training.finetune import ROUND_LR, FineTuneConfig
+
+_RECIPE = FineTuneConfig()  # the nodes' recipe defaults, written once in finetune
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedtrimmedavg", "fedmedian", "krum",
               "multikrum", "bulyan")
@@ -49,14 +51,15 @@ class FederationConfig(BaseModel):
     warmup: bool = _field(True, "warmup")  # round 1 ramps the rate up linearly
     min_lr_fraction: float = _field(0.2, "min-lr-fraction", ge=0, le=1)
     head_rounds: int = _field(0, "head-rounds", ge=0)  # first N rounds train the head only
-    batch_size: int = _field(32, "batch-size", ge=1)
-    optimizer: Literal["adamw", "sgd"] = _field("adamw", "optimizer")  # the nodes' optimiser
-    backbone_lr_scale: float = _field(1.0, "backbone-lr-scale", gt=0, le=10)
-    weight_decay: float = _field(0.05, "weight-decay", ge=0)
+    batch_size: int = _field(_RECIPE.batch_size, "batch-size", ge=1)
+    optimizer: Literal["adamw", "sgd"] = _field(_RECIPE.optimizer, "optimizer")  # the nodes' optimiser
+    backbone_lr_scale: float = _field(_RECIPE.backbone_lr_scale, "backbone-lr-scale", gt=0,
+                                     le=10)
+    weight_decay: float = _field(_RECIPE.weight_decay, "weight-decay", ge=0)
     fine_tune: Literal["full", "linear"] = _field("full", "fine-tune")
-    bn: Literal["train", "frozen"] = _field("train", "bn")
+    bn: Literal["train", "frozen"] = _field(_RECIPE.bn, "bn")
     fedbn: bool = _field(False, "fedbn")
-    probe_init: bool = _field(False, "probe-init")
+    probe_init: bool = _field(_RECIPE.probe_init, "probe-init")
     strategy: str = _field("fedavg", "strategy")
     proximal_mu: float = _field(0.0, "proximal-mu", ge=0)
     server_lr: float = _field(0.01, "server-lr", gt=0)  # FedAdam / FedYogi eta, FedAvgM's rate
