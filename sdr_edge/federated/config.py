@@ -60,6 +60,7 @@ class FederationConfig(BaseModel):
     bn: Literal["train", "frozen"] = _field(_RECIPE.bn, "bn")
     fedbn: bool = _field(False, "fedbn")
     probe_init: bool = _field(_RECIPE.probe_init, "probe-init")
+    logit_adjust: float = _field(_RECIPE.logit_adjust, "logit-adjust", ge=0, le=2)  # FedLC tau
     strategy: str = _field("fedavg", "strategy")
     proximal_mu: float = _field(0.0, "proximal-mu", ge=0)
     server_lr: float = _field(0.01, "server-lr", gt=0)  # FedAdam / FedYogi eta, FedAvgM's rate
@@ -151,7 +152,7 @@ class FederationConfig(BaseModel):
                 "fine-tune": self.fine_tune, "bn": self.bn, "fedbn": self.fedbn,
                 "optimizer": self.optimizer, "backbone-lr-scale": self.backbone_lr_scale,
                 "weight-decay": self.weight_decay,
-                "probe-init": self.probe_init,
+                "probe-init": self.probe_init, "logit-adjust": self.logit_adjust,
                 "proximal-mu": self.proximal_mu if self.strategy == "fedprox" else 0.0}
 
 

@@ -112,6 +112,7 @@ def train_config(config: Mapping[str, object]) -> FineTuneConfig:
         backbone_lr_scale=float(config.get("backbone-lr-scale",  # type: ignore[arg-type]
                                            d.backbone_lr_scale)),
         weight_decay=float(config.get("weight-decay", d.weight_decay)),  # type: ignore[arg-type]
+        logit_adjust=float(config.get("logit-adjust", d.logit_adjust)),  # type: ignore[arg-type]
     )
 
 

@@ -87,6 +87,7 @@ class FineTuneConfig:
     augment: bool = True
     flip: bool = False
     label_smoothing: float = 0.0
+    logit_adjust: float = 0.0  # tau: train on logits + tau * log(local label prior)
 
     def __post_init__(self) -> None:
         if self.mode not in FINE_TUNE_MODES:
@@ -105,6 +106,8 @@ class FineTuneConfig:
             raise FineTuneError("backbone-lr-scale must be in (0, 10]")
         if not 0 <= self.warmup_fraction < 1 or not 0 <= self.min_lr_fraction <= 1:
             raise FineTuneError("warmup-fraction must be in [0, 1) and min-lr-fraction in [0, 1]")
+        if not 0 <= self.logit_adjust <= 2:
+            raise FineTuneError("logit-adjust must be in [0, 2]")
         if not 0 <= self.label_smoothing < 1 or self.weight_decay < 0 or self.momentum < 0:
             raise FineTuneError("label-smoothing must be in [0, 1), weight-decay and momentum >= 0")
 
@@ -231,6 +234,23 @@ def probe_init_head(model: SubnetModel, x: torch.Tensor, y: torch.Tensor, seed: 
     return True
 
 
+def label_prior_adjustment(labels: torch.Tensor, num_classes: int, tau: float
+                           ) -> torch.Tensor | None:
+    """tau * log(prior) of the training labels, added to the logits during training only.
+
+    Logit adjustment (Menon et al. 2021; for label-skewed federated nodes, FedLC, Zhang et al.
+    2022): a node that holds few classes would otherwise learn mostly to push the logits of
+    its absent classes down, and the averaged head inherits that bias from every node. With
+    the prior added, a locally rare class needs no push-down to be unlikely; at inference the
+    plain logits are used. On balanced data the adjustment is a constant and changes nothing.
+    """
+    if tau <= 0 or num_classes < 2:
+        return None
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    prior = (counts + 1e-3) / (counts.sum() + 1e-3 * num_classes)
+    return (tau * prior.log()).float()
+
+
 def fine_tune(model: SubnetModel, images: np.ndarray, labels: np.ndarray, spec: InputSpec,
               cfg: FineTuneConfig, progress: str | None = None) -> TrainResult:
     """Fine-tune `model` (backbone + linear head) in place with the recipe `cfg`."""
@@ -252,6 +272,7 @@ def fine_tune(model: SubnetModel, images: np.ndarray, labels: np.ndarray, spec: 
     prox = ([(p, anchors[name]) for name, p in model.named_parameters() if p.requires_grad]
             if anchors is not None else [])
     gen = torch.Generator().manual_seed(cfg.seed)
+    adjust = label_prior_adjustment(y, model.num_classes or 0, cfg.logit_adjust)
     total, seen, steps = 0.0, 0, 0
     bar = tqdm(total=total_steps, desc=progress or "fine-tune", disable=None, leave=False)
     try:
@@ -264,7 +285,10 @@ def fine_tune(model: SubnetModel, images: np.ndarray, labels: np.ndarray, spec: 
                 xb = x[idx]
                 if cfg.augment:
                     xb = light_augment(xb, gen, flip=cfg.flip)
-                loss = F.cross_entropy(model(xb), y[idx], label_smoothing=cfg.label_smoothing)
+                logits = model(xb)
+                if adjust is not None:
+                    logits = logits + adjust
+                loss = F.cross_entropy(logits, y[idx], label_smoothing=cfg.label_smoothing)
                 if prox:
                     loss = loss + 0.5 * cfg.proximal_mu * sum(((p - a) ** 2).sum()
                                                               for p, a in prox)

@@ -200,3 +200,15 @@ def test_flower_app_config_uses_the_round_lr():
     pyproject = Path(__file__).resolve().parents[3] / "pyproject.toml"
     app = tomllib.loads(pyproject.read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"]
     assert app["lr"] == ROUND_LR
+
+
+def test_logit_adjustment_follows_the_local_label_prior():
+    from sdr_edge.training.finetune import label_prior_adjustment
+
+    assert label_prior_adjustment(torch.tensor([0, 1, 2]), 3, 0.0) is None
+    balanced = label_prior_adjustment(torch.tensor([0, 1, 2, 0, 1, 2]), 3, 1.0)
+    assert torch.allclose(balanced, balanced[0].expand(3))  # a constant: softmax unchanged
+    skewed = label_prior_adjustment(torch.tensor([0, 0, 0, 1]), 3, 1.0)
+    assert skewed[0] > skewed[1] > skewed[2] and skewed[2] < -5  # absent class: no push-down
+    with pytest.raises(ValueError, match="logit-adjust"):
+        FineTuneConfig(logit_adjust=3.0)
