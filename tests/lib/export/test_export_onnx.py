@@ -218,3 +218,21 @@ def test_refuses_unverified_bundles_and_missing_inputs(env, tmp_path, capsys):
     assert _export(env, out, "--eval-source", "builtin:digits", "--opset", "17") == 2
     assert "opset 17 is too old" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_int8_checks_allow_one_changed_input_below_their_resolution():
+    from sdr_edge.export.parity import accuracy_drop_check, top1_agreement_check
+
+    ref = np.eye(4)[np.arange(94) % 4]
+    out = ref.copy()
+    out[0] = np.roll(out[0], 1)  # one of 94 predictions flips
+    labels = ref.argmax(1)
+    assert top1_agreement_check("t", ref, out, 0.99).passed
+    assert accuracy_drop_check("a", ref, out, labels, 0.01).passed
+    out[1] = np.roll(out[1], 1)  # two flips are more than the resolution allows
+    assert not top1_agreement_check("t", ref, out, 0.99).passed
+    assert not accuracy_drop_check("a", ref, out, labels, 0.01).passed
+    big_ref = np.eye(4)[np.arange(1000) % 4]
+    big_out = big_ref.copy()
+    big_out[:11] = np.roll(big_out[:11], 1, axis=1)  # 11 of 1000: the 99 % rule itself
+    assert not top1_agreement_check("t", big_ref, big_out, 0.99).passed
