@@ -60,7 +60,8 @@ class FederationConfig(BaseModel):
     bn: Literal["train", "frozen"] = _field(_RECIPE.bn, "bn")
     fedbn: bool = _field(False, "fedbn")
     probe_init: bool = _field(_RECIPE.probe_init, "probe-init")
-    logit_adjust: float = _field(_RECIPE.logit_adjust, "logit-adjust", ge=0, le=2)  # FedLC tau
+    # FedLC tau: measured best on label-skewed fleets, a no-op on balanced ones (docs/federation.md)
+    logit_adjust: float = _field(1.0, "logit-adjust", ge=0, le=2)
     strategy: str = _field("fedavg", "strategy")
     proximal_mu: float = _field(0.0, "proximal-mu", ge=0)
     server_lr: float = _field(0.01, "server-lr", gt=0)  # FedAdam / FedYogi eta, FedAvgM's rate
