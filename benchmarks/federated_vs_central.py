@@ -169,7 +169,7 @@ def last_swing(curve: dict[int, float], last: int = 3) -> float | None:
 
 
 def federated(args, source: str, nodes: int, alpha: float, spec_name: str, seed: int,
-              work: Path, key: Path, pub: Path) -> dict:
+              work: Path, key: Path) -> dict:
     out = work / f"fed-{abs(hash((source, nodes, alpha, spec_name, seed)))}"
     run_config = {"run-dir": str(args.run_dir), "signing-key": str(key), "out-dir": str(out),
                   "num-server-rounds": args.rounds, "batch-size": args.batch_size,
@@ -205,8 +205,8 @@ def bundle_accuracy(bundle_dir: str, pub: Path, x: np.ndarray, y: np.ndarray) ->
     return float(evaluate_local(bundle.model, x, y, bundle.input_spec).accuracy)
 
 
-def central(args, parts, spec, route: list[int], seed: int) -> dict:
-    net, _ = load_sdrnet(args.run_dir)
+def central(args, net, parts, spec, route: list[int], seed: int) -> dict:
+    """`net` is only read: `extract` copies the routed experts into a new backbone."""
     torch.manual_seed(seed)  # same head initialisation as run_federation
     model = SubnetModel(net.extract(route).eval(), parts[0].num_classes)
     x_train, y_train = union(parts, "train")
@@ -303,8 +303,7 @@ def main() -> int:
     logging.getLogger("flwr").setLevel(logging.WARNING)  # keep stdout for the JSON
     cells, curves, centrals = [], {}, {}
     started = time.time()
-    net, spec = load_sdrnet(args.run_dir)
-    del net
+    net, spec = load_sdrnet(args.run_dir)  # once: central extracts each route from it
     with tempfile.TemporaryDirectory(prefix="fed-vs-central-") as tmp:
         work = Path(tmp)
         key, pub = work / "bench.key", work / "bench.pub"
@@ -312,16 +311,17 @@ def main() -> int:
         for (task, source), nodes, alpha in itertools.product(args.tasks.items(),
                                                               args.node_counts, args.alphas):
             central_runs: dict[int, dict] = {}
+            parts_of = {seed: node_parts(args, source, nodes, alpha, seed, spec)
+                        for seed in range(args.seeds)}  # the same splits for every strategy
             for spec_name in args.strategy_specs:
                 runs = []
-                for seed in range(args.seeds):
-                    parts = node_parts(args, source, nodes, alpha, seed, spec)
+                for seed, parts in parts_of.items():
                     x_test, y_test = union(parts, "test")
-                    fed = federated(args, source, nodes, alpha, spec_name, seed, work, key, pub)
+                    fed = federated(args, source, nodes, alpha, spec_name, seed, work, key)
                     fed["bundle_accuracy"] = bundle_accuracy(fed.pop("bundle"), pub, x_test,
                                                              y_test)
                     if seed not in central_runs:
-                        central_runs[seed] = central(args, parts, spec, fed["route"], seed)
+                        central_runs[seed] = central(args, net, parts, spec, fed["route"], seed)
                     cen = central_runs[seed]
                     runs.append({"seed": seed, "label_skew_tv": label_skew(parts),
                                  "federated": fed, "central": cen,

@@ -227,8 +227,8 @@ class _Fleet:
             if self.fedbn and set(record) != set(self._global):
                 whole = {k: Array(v) for k, v in self._global.items()}
                 whole.update(dict(record.items()))
-                content = RecordDict({**dict(msg.content.items()), ARRAYS: ArrayRecord(whole)})
-                msg = _with_content(msg, content)
+                # same reply, metadata kept (strategies read its node id), whole model inside
+                msg.content = RecordDict({**dict(msg.content.items()), ARRAYS: ArrayRecord(whole)})
             usable.append(msg)
         return usable
 
@@ -282,12 +282,6 @@ class _Fleet:
                                                replies)
         entry.eval_ok = len(ok)
         return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
-
-
-def _with_content(msg: Message, content: RecordDict) -> Message:
-    """The same reply (metadata kept: strategies read its node id) with other content."""
-    msg.content = content
-    return msg
 
 
 class FleetFedAvg(_Fleet, FedAvg):
