@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,6 +58,11 @@ def decode_image(path: Path) -> np.ndarray | None:
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError:
         return None
+    return decode_bytes(data)
+
+
+def decode_bytes(data: np.ndarray) -> np.ndarray | None:
+    """Decode an encoded image (uint8 buffer) keeping its channels; None when it cannot."""
     if data.size == 0:
         return None
     with quiet_opencv():
@@ -96,3 +102,70 @@ def scan_folder(root: str | Path, size: int, channels: int) -> FolderScan:
         index = {n: i for i, n in enumerate(names)}
         labels = np.asarray([index[parts[0]] for parts in rel], dtype=np.int64)
     return FolderScan(np.stack(images), labels, names, kept, skipped)
+
+
+def folder_labels(rel_parts: list[tuple[str, ...]]) -> tuple[np.ndarray | None, tuple[str, ...]]:
+    """Labels from the first directory level below the root when every file sits in one."""
+    if not rel_parts or not all(len(parts) >= 2 for parts in rel_parts):
+        return None, ()
+    names = tuple(sorted({parts[0] for parts in rel_parts}))
+    index = {n: i for i, n in enumerate(names)}
+    return np.asarray([index[parts[0]] for parts in rel_parts], dtype=np.int64), names
+
+
+class FolderPool:
+    """An image folder read on demand: the scan lists files and labels without decoding;
+    `read(indices)` decodes just those files with OpenCV at size x size x channels.
+
+    `limit` keeps a seeded subset of the file list (the rule of `load_source`) before any
+    decode. Paths are held as one NumPy bytes array, not a list of str: DataLoader workers are
+    forked, and touching millions of Python objects would copy their pages into every worker.
+    An unreadable file reads as a black image; its path goes to `skipped` (and, for the
+    DataLoader, to `last_unreadable` of the read that met it). `decoded` counts decodes in
+    this process (tests check that `limit` decodes only what it keeps).
+    """
+
+    def __init__(self, root: str | Path, size: int, channels: int, *, limit: int | None = None,
+                 seed: int = 0) -> None:
+        from sdr_edge.data.pool import subset_index
+
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        files = list_image_files(self.root)
+        if not files:
+            raise SourceError(f"no image file ({', '.join(IMAGE_SUFFIXES)}) under {self.root}")
+        keep = subset_index(len(files), limit, seed)
+        rel = [files[i].relative_to(self.root).parts for i in keep]
+        self.labels, self.label_names = folder_labels(rel)
+        self.paths = np.array([os.fsencode(os.path.join(*parts)) for parts in rel], dtype=bytes)
+        self.name, self.size, self.channels = str(self.root), int(size), int(channels)
+        self.skipped: list[str] = []
+        self.last_unreadable: list[str] = []
+        self.decoded = 0
+
+    def __len__(self) -> int:
+        return int(self.paths.shape[0])
+
+    def path(self, i: int) -> Path:
+        return self.root / os.fsdecode(self.paths[i])
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.zeros((len(indices), self.size, self.size, self.channels), dtype=np.uint8)
+        self.last_unreadable = []
+        for j, i in enumerate(indices):
+            path = self.path(int(i))
+            image = decode_image(path)
+            self.decoded += 1
+            if image is None:
+                self._unreadable(str(path))
+                continue
+            out[j] = prepare_uint8(image, self.size, self.channels)
+        return out
+
+    def _unreadable(self, path: str) -> None:
+        self.last_unreadable.append(path)
+        if path not in self.skipped:
+            log.warning("unreadable image %s: read as a black image", path)
+            self.skipped.append(path)
