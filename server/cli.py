@@ -1,4 +1,4 @@
-"""`sdr-server`: train, serve, keygen, token, route-eval, bench. Each sub-command lives in its own module."""
+"""`sdr-server`: train, shards, serve, keygen, token, route-eval, bench. Each sub-command lives in its own module."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ COMMANDS = {
     "route-eval": f"{__package__}.route_eval_cmd",
     "bench": f"{__package__}.bench_cmd",
     "fleet-keys": f"{__package__}.fleet_cmd",
+    "shards": f"{__package__}.shards_cmd",
 }
 
 
