@@ -3,6 +3,8 @@
 The bundle's signature is verified first; the model is exported with torch.onnx's dynamo
 exporter, converted, compared with PyTorch in ONNX Runtime on real images, and written only if
 every check passes (with a sidecar JSON holding its input spec, route and check results).
+`--raw-input` gives a graph that takes uint8 N x H x W x C images at the model's size and
+normalises inside (for camera pipelines), checked against the normalised-input graph.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also quantize the first and last weighted layer (kept fp32 by default)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="override the check's bound (fp32/fp16 error, int8 min agreement)")
+    p.add_argument("--raw-input", action="store_true",
+                   help="take uint8 N x H x W x C images and normalise inside the graph "
+                   "(Cast, Sub, Div, Transpose) instead of float32 N x C x H x W normalised")
     p.add_argument("--seed", type=int, default=0, help="seed for image subsets")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -62,13 +67,15 @@ def run(args: argparse.Namespace) -> int:
         calib_limit=args.calib_limit, eval_source=args.eval_source, eval_limit=args.eval_limit,
         int8_target=args.int8_target, int8_quantize_all=args.int8_quantize_all,
         tolerance=args.tolerance, seed=args.seed,
-        progress=not args.no_progress,
+        progress=not args.no_progress, raw_input=args.raw_input,
     )
     try:
         result = export_bundle(args.bundle, pubkey, args.out, opts)
     except ParityError as exc:
         raise CommandError(f"{exc} (nothing was written to {args.out})") from exc
+    layout = result.metadata.extra.get("input_layout", "float32_nchw_normalized")
     print(f"wrote {result.path} ({result.metadata.precision}, batch {result.metadata.batch}, "
+          f"input {layout}, "
           f"sha256 {result.sha256[:16]}…) and {result.sidecar}")
     for check in result.checks:
         print(f"  {check.describe()}")

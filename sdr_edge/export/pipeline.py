@@ -32,7 +32,13 @@ from sdr_edge.artifacts.staging import check_replaceable_file
 from sdr_edge.data.preprocess import InputSpec, normalize_batch
 from sdr_edge.data.sources import ImageSource, load_source
 from sdr_edge.errors import SdrEdgeError
-from sdr_edge.export.onnx_export import INPUT_NAME, attach_metadata, check_onnx, export_fp32
+from sdr_edge.export.onnx_export import (
+    INPUT_NAME,
+    add_raw_input,
+    attach_metadata,
+    check_onnx,
+    export_fp32,
+)
 from sdr_edge.export.parity import (
     FP32_ATOL,
     ParityCheck,
@@ -47,10 +53,18 @@ from sdr_edge.export.quantize import (
     quantize_int8,
     quantized_op_counts,
 )
+from sdr_edge.inference.base import INPUT_LAYOUT_KEY, NORMALIZED_NCHW, RAW_NHWC
 from sdr_edge.inference.runners import OrtRunner
 from sdr_edge.models.classifier import SubnetModel
 
 log = logging.getLogger(__name__)
+
+# The raw-input graph against the normalised-input graph it wraps, on the same images: the
+# float32 arithmetic is the same as `normalize_batch`, so only ONNX Runtime's kernel choices
+# differ (measured 0 on the test model; the bound leaves room for fused kernels).
+RAW_INPUT_ATOL = 1e-5
+RAW_INPUT_DESCRIPTION = ("uint8 N x H x W x C at the model's size (OpenCV's BGR or gray order); "
+                         "in graph: Cast, Div 255, Sub mean, Div std, Transpose to NCHW")
 
 
 class ExportOptionsError(SdrEdgeError, ValueError):
@@ -74,6 +88,7 @@ class ExportOptions:
     tolerance: float | None = None
     seed: int = 0
     progress: bool = True
+    raw_input: bool = False  # uint8 NHWC input, normalised inside the graph
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -233,6 +248,17 @@ def export_model(model: SubnetModel, spec: InputSpec, route: tuple[int, ...], ou
                                           workdir=stage)
             candidate = stage / "int8.onnx"
             extra["int8"]["quantized_ops"] = quantized_op_counts(candidate)
+        extra[INPUT_LAYOUT_KEY] = NORMALIZED_NCHW
+        if opts.raw_input:
+            raw = add_raw_input(candidate, stage / "raw.onnx", spec, INPUT_NAME)
+            want = OrtRunner(candidate, require_metadata=False).run(x)
+            have = OrtRunner(raw, require_metadata=False).run(parity_src.images)
+            checks.append(max_abs_check("raw-input vs normalised-input graph", want, have,
+                                        RAW_INPUT_ATOL))
+            raise_on_failure("raw-input graph", checks)
+            candidate = raw
+            extra[INPUT_LAYOUT_KEY] = RAW_NHWC
+            extra["preprocessing"] = RAW_INPUT_DESCRIPTION
         bar.update()
 
         bar.set_postfix_str("check")
@@ -249,7 +275,7 @@ def export_model(model: SubnetModel, spec: InputSpec, route: tuple[int, ...], ou
         bar.update()
 
         bar.set_postfix_str("parity")
-        got = OrtRunner(final).run(x)
+        got = OrtRunner(final).run(parity_src.images if opts.raw_input else x)
         checks += precision_checks(opts.precision, ref, got, output_kind, labels, opts.tolerance)
         raise_on_failure(f"ONNX {opts.precision} export", checks)
         bar.update()

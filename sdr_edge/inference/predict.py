@@ -3,7 +3,8 @@
 Decoding is `sdr_edge.data.folder.decode_image` (OpenCV) and preprocessing is
 `prepare_uint8` + `normalize_batch` from `sdr_edge.data.preprocess`: the evaluation transform
 of training, applied per image so that an image that cannot be converted is reported and
-skipped instead of failing the batch. No torch.
+skipped instead of failing the batch. A raw-input graph gets the `prepare_uint8` images as they
+are and normalises them itself (`base.model_input`). No torch.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from tqdm import tqdm
 
 from sdr_edge.artifacts.model_metadata import MetadataError
 from sdr_edge.data.folder import IMAGE_SUFFIXES, decode_image, list_image_files
-from sdr_edge.data.preprocess import InputSpec, normalize_batch, prepare_uint8
+from sdr_edge.data.preprocess import InputSpec, prepare_uint8
 from sdr_edge.errors import SdrEdgeError
-from sdr_edge.inference.base import Runner
+from sdr_edge.inference.base import Runner, model_input, runner_layout
 
 
 class InferenceInputError(SdrEdgeError, ValueError):
@@ -44,6 +45,8 @@ class InferenceReport:
     """Predictions, skipped files with reasons, and throughput."""
 
     runtime: str
+    provider: str = ""
+    input_layout: str = ""
     predictions: list[Prediction] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     seconds_total: float = 0.0
@@ -60,6 +63,8 @@ class InferenceReport:
     def to_dict(self) -> dict:
         return {
             "runtime": self.runtime,
+            "provider": self.provider,
+            "input_layout": self.input_layout,
             "predictions": [{k: v for k, v in asdict(p).items() if v is not None}
                             for p in self.predictions],
             "skipped": self.skipped,
@@ -113,21 +118,29 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def runner_provider(runner: Runner) -> str:
+    """The provider a runner runs on: ONNX Runtime's provider name, or the runtime's name."""
+    return getattr(runner, "provider", None) or runner.runtime
+
+
+def output_rows(out: np.ndarray, kind: str, label_names: tuple[str, ...]) -> list[dict]:
+    """Per input: index, label and probability (logits), or feature size and norm (features)."""
+    if kind == "logits":
+        rows = []
+        for p in softmax(out.astype(np.float64)):
+            i = int(p.argmax())
+            rows.append({"index": i, "label": label_names[i] if i < len(label_names) else str(i),
+                         "score": float(p[i])})
+        return rows
+    norms = np.linalg.norm(out.astype(np.float64), axis=1)
+    return [{"feature_dim": int(out.shape[1]), "feature_norm": float(n)} for n in norms]
+
+
 def _predictions(paths: list[Path], notes: list[str | None], out: np.ndarray, kind: str,
                  label_names: tuple[str, ...]) -> list[Prediction]:
-    preds = []
-    if kind == "logits":
-        probs = softmax(out.astype(np.float64))
-        for path, note, p in zip(paths, notes, probs, strict=True):
-            i = int(p.argmax())
-            label = label_names[i] if i < len(label_names) else str(i)
-            preds.append(Prediction(str(path), i, label, float(p[i]), note=note))
-    else:
-        norms = np.linalg.norm(out.astype(np.float64), axis=1)
-        for path, note, n in zip(paths, notes, norms, strict=True):
-            preds.append(Prediction(str(path), feature_dim=int(out.shape[1]),
-                                    feature_norm=float(n), note=note))
-    return preds
+    rows = output_rows(out, kind, label_names)
+    return [Prediction(str(path), note=note, **row)
+            for path, note, row in zip(paths, notes, rows, strict=True)]
 
 
 def infer_images(runner: Runner, target: str | Path, batch: int = 32,
@@ -140,7 +153,8 @@ def infer_images(runner: Runner, target: str | Path, batch: int = 32,
         raise MetadataError("the model carries no sdr-edge metadata (input spec unknown)")
     spec, kind = meta.input_spec, meta.output_kind
     files = collect_images(target)
-    report = InferenceReport(runtime=runner.describe())
+    report = InferenceReport(runtime=runner.describe(), provider=runner_provider(runner),
+                             input_layout=runner_layout(runner))
     start = time.perf_counter()
     bar = tqdm(total=len(files), desc="infer", unit="img", disable=not progress)
     for i in range(0, len(files), batch):
@@ -156,7 +170,7 @@ def infer_images(runner: Runner, target: str | Path, batch: int = 32,
         bar.update(len(files[i:i + batch]))
         if not images:
             continue
-        x = normalize_batch(np.stack(images), spec)
+        x = model_input(runner, np.stack(images), spec)
         t0 = time.perf_counter()
         out = runner.run(x)
         report.seconds_model += time.perf_counter() - t0
