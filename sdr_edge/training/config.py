@@ -133,25 +133,58 @@ class KitConfig(_Section):
 
 
 class AugmentSection(_Section):
-    """SimSiam view strengths: crop area range, horizontal flips (off for digits or text),
-    brightness/contrast jitter and the chance of a blur."""
+    """SimSiam view strengths (sdr_edge.data.augment): crop area range, horizontal flips (off
+    for digits or text), colour jitter (brightness/contrast `jitter`, `saturation`, `hue`) with
+    probability `jitter_p`, random grayscale and Gaussian blur (sigma in output pixels).
+    Saturation, hue and grayscale act on 3-channel images only. The defaults are SimSiam's
+    ImageNet recipe except the blur, whose sigma is scaled down for small images."""
 
     crop_min: float = 0.3
     crop_max: float = 1.0
     flip: bool = True
     jitter: float = Field(default=0.4, ge=0.0, lt=1.0)
+    saturation: float = Field(default=0.4, ge=0.0, lt=1.0)
+    hue: float = Field(default=0.1, ge=0.0, le=0.5)
+    jitter_p: float = Field(default=0.8, ge=0.0, le=1.0)
+    grayscale_p: float = Field(default=0.2, ge=0.0, le=1.0)
     blur_p: float = Field(default=0.5, ge=0.0, le=1.0)
+    blur_sigma_min: float = Field(default=0.1, gt=0.0)
+    blur_sigma_max: float = Field(default=1.5, gt=0.0)
 
     @model_validator(mode="after")
-    def _crop_range(self) -> AugmentSection:
+    def _ranges(self) -> AugmentSection:
         if not 0.0 < self.crop_min <= self.crop_max <= 1.0:
             raise ValueError(f"need 0 < crop_min <= crop_max <= 1, got {self.crop_min}, "
                              f"{self.crop_max}")
+        if self.blur_sigma_min > self.blur_sigma_max:
+            raise ValueError(f"need blur_sigma_min <= blur_sigma_max, got "
+                             f"{self.blur_sigma_min}, {self.blur_sigma_max}")
         return self
 
-    def to_augment_config(self) -> AugmentConfig:
+    def to_augment_config(self, out_size: int | None = None) -> AugmentConfig:
+        """The augmentation of training views, written at `out_size` (the training size)."""
         return AugmentConfig(crop_scale=(self.crop_min, self.crop_max), flip=self.flip,
-                             brightness=self.jitter, contrast=self.jitter, blur_p=self.blur_p)
+                             brightness=self.jitter, contrast=self.jitter,
+                             saturation=self.saturation, hue=self.hue, jitter_p=self.jitter_p,
+                             grayscale_p=self.grayscale_p, blur_p=self.blur_p,
+                             blur_sigma=(self.blur_sigma_min, self.blur_sigma_max),
+                             out_size=out_size)
+
+
+class GPUSection(_Section):
+    """How training uses an accelerator (each is harmless on a CPU run).
+
+    `sync_batchnorm` converts BatchNorm to SyncBatchNorm under DDP (SimSiam does, its BN sees the
+    global batch); routed experts keep per-rank BatchNorm, since a rank whose batch holds no
+    image of an expert would never join that expert's all-reduce. `channels_last` stores
+    weights and views NHWC (faster convolutions on tensor cores). `compile` runs the model
+    through torch.compile (off by default: compiling takes minutes, and routed stages break
+    graphs). Pinned memory and non-blocking copies are [data] pin_memory.
+    """
+
+    sync_batchnorm: bool = False
+    channels_last: bool = False
+    compile: bool = False
 
 
 class TrainSection(_Section):
@@ -182,6 +215,7 @@ class TrainConfig(_Section):
     kit: KitConfig = Field(default_factory=KitConfig)
     train: TrainSection = Field(default_factory=TrainSection)
     augment: AugmentSection = Field(default_factory=AugmentSection)
+    gpu: GPUSection = Field(default_factory=GPUSection)
 
     @model_validator(mode="after")
     def _cross_table(self) -> TrainConfig:
