@@ -8,6 +8,8 @@ from sdr_edge.cli import run_cli
 COMMANDS = {
     "onnx": f"{__package__}.onnx_cmd",
     "trt": f"{__package__}.trt_cmd",
+    "triton": f"{__package__}.triton_cmd",
+    "deepstream": f"{__package__}.deepstream_cmd",
 }
 
 

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 OWN_MARKERS: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
     MANIFEST: (frozenset({BUNDLE_FORMAT, KIT_FORMAT}), (MANIFEST, SIGNATURE)),
     "kit.json": (frozenset({"sdr-signature-kit"}), ("kit.json",)),  # a run's unsigned kit
+    # `sdr-export deepstream --out DIR` (sdr_edge.export.deepstream)
+    "sdr_edge_deepstream.json": (frozenset({"sdr-edge-deepstream"}), ("sdr_edge_deepstream.json",)),
 }
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
