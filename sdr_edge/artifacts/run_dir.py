@@ -11,7 +11,10 @@ functions, so the layout lives in one place:
     sdrnet.safetensors     the SDRnet, metadata: architecture, input spec
     kit/                   the signature kit (weights, ONNX, preprocessing spec)
     checkpoints/           resumable training state
+    work/                  scratch of a running phase (the clustering's float16 embeddings
+                           memory map, rank-0 step markers); not in the manifest
     report/                plots a person can look at
+    tensorboard/           TensorBoard event files of the live tracking (rank 0)
     manifest.json          sha256 of every file above
 
 Writers stage under hidden names (`.kit.XXXX/` folders, `.NAME.XXXX.tmp` files from
@@ -42,10 +45,12 @@ CODES = "codes.safetensors"
 SDRNET = "sdrnet.safetensors"
 KIT_DIR = "kit"
 REPORT_DIR = "report"
+TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_DIR = "checkpoints"
+WORK_DIR = "work"
 MANIFEST = "manifest.json"
 RUN_ENTRIES = frozenset({CONFIG, METRICS, TEACHER, CODEBOOKS, CODES, SDRNET, KIT_DIR, REPORT_DIR,
-                         CHECKPOINT_DIR, MANIFEST})
+                         CHECKPOINT_DIR, WORK_DIR, TENSORBOARD_DIR, MANIFEST})
 TMP_SUFFIX = ".tmp"
 
 
@@ -120,10 +125,12 @@ def _is_staging(rel: Path) -> bool:
 
 
 def run_files(run_dir: Path) -> list[Path]:
-    """Every file that belongs in the manifest (checkpoints and staging leftovers excluded)."""
+    """Every file that belongs in the manifest (checkpoints, work files and staging leftovers
+    excluded)."""
     run_dir = Path(run_dir)
     return sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != MANIFEST
                   and CHECKPOINT_DIR not in p.relative_to(run_dir).parts
+                  and p.relative_to(run_dir).parts[0] != WORK_DIR
                   and not _is_staging(p.relative_to(run_dir)))
 
 

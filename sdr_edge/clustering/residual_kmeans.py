@@ -189,11 +189,24 @@ def seed_centroids(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.ascontiguousarray(centres, dtype=np.float32)
 
 
+def faiss_gpus() -> int:
+    """GPUs the installed faiss can use (0 for faiss-cpu, or without faiss)."""
+    try:
+        import faiss
+    except ImportError:
+        return 0
+    return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+
+
 def _fit_faiss(x: np.ndarray, init: np.ndarray, iters: int, seed: int) -> tuple[np.ndarray, int]:
+    """faiss's Lloyd iterations; on one GPU when faiss has one (`faiss.Kmeans(gpu=1)` puts its
+    flat index on a `StandardGpuResources` via `index_cpu_to_all_gpus`; the GPU it picks is
+    device 0, which under torchrun is local rank 0's, the rank that clusters)."""
     import faiss
 
     k = len(init)
     km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, verbose=False, nredo=1,
+                      gpu=1 if faiss_gpus() > 0 else False,
                       min_points_per_centroid=1,
                       max_points_per_centroid=math.ceil(len(x) / k) + 1)  # no hidden subsampling
     km.train(x, init_centroids=init)
@@ -229,8 +242,11 @@ def choose_backend(n: int, d: int) -> str:
     one thread each, scikit-learn used 10-16 % less CPU than faiss from 20k to 200k x 512 and
     the same at 50k x 2048; with both cores, faiss took 4x longer than scikit-learn at 20k x 512
     (its OpenMP threads spin between calls when the cores are busy). So scikit-learn, except
-    when its extra centred copy of the data would not fit in memory while faiss (no copy) would.
+    when its extra centred copy of the data would not fit in memory while faiss (no copy) would,
+    or when faiss sees a GPU (not measured here: this machine has none).
     """
+    if faiss_gpus() > 0:
+        return "faiss"
     need_sklearn, need_faiss = 3 * n * d * 4, 2 * n * d * 4  # bytes: input, residual (+ copy)
     memory = _physical_memory()
     if memory is not None and need_sklearn > 0.8 * memory >= need_faiss:

@@ -83,6 +83,16 @@ def normalize_batch(images_uint8: np.ndarray, spec: InputSpec) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
+def normalize_pool_batch(images_uint8: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """uint8 N x S x S x C from an image pool -> float32 N x C x H x W at the spec's size: the
+    evaluation transform of embeddings and the signature kit. S exceeds the spec size when the
+    pool decodes larger for random-resized crops ([data] decode_size); such images are resized
+    as `prepare_uint8` resizes them."""
+    if images_uint8.ndim == 4 and images_uint8.shape[1] != spec.image_size:
+        images_uint8 = np.stack([resize_image(im, spec.image_size) for im in images_uint8])
+    return normalize_batch(images_uint8, spec)
+
+
 def preprocess_images(images: list[np.ndarray], spec: InputSpec) -> np.ndarray:
     """Decoded images of any size -> the float32 NCHW batch a model takes (the evaluation transform)."""
     batch = np.stack([prepare_uint8(im, spec.image_size, spec.channels) for im in images])

@@ -37,7 +37,8 @@ from tqdm import tqdm
 from sdr_edge.artifacts.atomic import sha256_file
 from sdr_edge.artifacts.staging import staged_dir
 from sdr_edge.artifacts.weights import save_tensors
-from sdr_edge.data.preprocess import InputSpec, normalize_batch
+from sdr_edge.data.pool import ImagePool, MemoryPool, iter_batches
+from sdr_edge.data.preprocess import InputSpec, normalize_pool_batch
 from sdr_edge.routing.signature import check_run_id_format, run_id_of
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,18 @@ def predict_digits(net: SignatureKitNet, x: torch.Tensor, batch_size: int = 1024
     return torch.cat(out).cpu().numpy()
 
 
+@torch.no_grad()
+def predict_pool(net: SignatureKitNet, pool: ImagePool, indices: np.ndarray, spec: InputSpec,
+                 device: str = "cpu", batch_size: int = 1024, workers: int = 0) -> np.ndarray:
+    """`predict_digits` over pool[indices], read batch by batch: [len(indices), R] int64."""
+    net.eval()
+    out = [np.empty((0, len(net.branching)), dtype=np.int64)]
+    for _, batch in iter_batches(pool, indices, batch_size, workers=workers):
+        x = torch.from_numpy(normalize_pool_batch(batch.numpy(), spec)).to(device)
+        out.append(torch.stack([z.argmax(1) for z in net.logits(x)], dim=1).cpu().numpy())
+    return np.concatenate(out)
+
+
 def agreement(pred: np.ndarray, codes: np.ndarray) -> dict[str, float]:
     """Per-level (1-based names) and whole-code agreement of predicted digits with codes."""
     metrics = {f"agreement_level{r + 1}": float((pred[:, r] == codes[:, r]).mean())
@@ -136,24 +149,29 @@ def _export_onnx(net: SignatureKitNet, spec: InputSpec, path: Path) -> None:
             q.setLevel(lv)
 
 
-def train_signature_kit(images: np.ndarray, codes: np.ndarray, branching: Sequence[int],
-                        spec: InputSpec, out_dir: str | Path, *, epochs: int, seed: int,
-                        device: str = "cpu", batch_size: int = 256, lr: float = 3e-3,
-                        holdout_fraction: float = 0.1,
+def train_signature_kit(images: np.ndarray | ImagePool, codes: np.ndarray,
+                        branching: Sequence[int], spec: InputSpec, out_dir: str | Path, *,
+                        epochs: int, seed: int, device: str = "cpu", batch_size: int = 256,
+                        lr: float = 3e-3, holdout_fraction: float = 0.1,
                         widths: Sequence[int] = DEFAULT_WIDTHS, progress: bool = True,
-                        run_id: str | None = None) -> dict:
+                        run_id: str | None = None, workers: int = 0) -> dict:
     """Distil the teacher's codes into a small kit network; write kit files; return metrics.
 
-    images: N x H x W x C uint8 at the spec's size; codes: N x R digits (the run's codes).
+    images: an image pool (`sdr_edge.data.pool`) or an N x H x W x C uint8 array at the
+    spec's size; codes: N x R digits (the run's codes), indexed like the pool. Each step reads
+    only its batch from the pool (`workers` DataLoader processes decode ahead), so memory does
+    not grow with N; for an in-memory pool the weights are those of normalising the whole
+    pool first (same batches, same order, same arithmetic; test_kit_streamed.py).
     run_id: the run's identity (default: that of the run dir holding out_dir, see write_kit).
     """
-    images = np.asarray(images)
+    pool = _as_pool(images)
     codes = np.asarray(codes, dtype=np.int64)
     branching = tuple(int(b) for b in branching)
-    if images.ndim != 4 or images.dtype != np.uint8:
-        raise ValueError(f"images must be N x H x W x C uint8, got {images.dtype} {images.shape}")
-    if codes.shape != (images.shape[0], len(branching)):
-        raise ValueError(f"codes must have shape [{images.shape[0]}, {len(branching)}], "
+    if pool.channels != spec.channels:
+        raise ValueError(f"{pool.name}: images have {pool.channels} channel(s), the input spec "
+                         f"{spec.channels}")
+    if codes.shape != (len(pool), len(branching)):
+        raise ValueError(f"codes must have shape [{len(pool)}, {len(branching)}], "
                          f"got {codes.shape}")
     if ((codes < 0) | (codes >= np.asarray(branching))).any():
         raise ValueError(f"code digits out of range for branching {branching}")
@@ -161,10 +179,8 @@ def train_signature_kit(images: np.ndarray, codes: np.ndarray, branching: Sequen
         raise ValueError("epochs must be at least 1")
     torch.manual_seed(seed)
     start_time = time.perf_counter()
-    x_all = torch.from_numpy(normalize_batch(images, spec))
     y_all = torch.from_numpy(codes)
-    train_idx, hold_idx = _holdout_split(len(images), holdout_fraction, seed)
-    x_tr, y_tr = x_all[train_idx].to(device), y_all[train_idx].to(device)
+    train_idx, hold_idx = _holdout_split(len(pool), holdout_fraction, seed)
     net = SignatureKitNet(spec.channels, branching, widths).to(device)
     steps_per_epoch = max(1, -(-len(train_idx) // batch_size))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -175,12 +191,13 @@ def train_signature_kit(images: np.ndarray, codes: np.ndarray, branching: Sequen
     loss_value = float("nan")
     for _ in range(epochs):
         net.train()
-        perm = torch.randperm(len(train_idx), generator=gen).to(device)
-        for s in range(steps_per_epoch):
-            idx = perm[s * batch_size:(s + 1) * batch_size]
-            xb, yb = x_tr[idx], y_tr[idx]
-            if xb.shape[0] < 2:  # BatchNorm needs two samples
+        order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
+        for idx, batch in iter_batches(pool, order, batch_size, workers=workers,
+                                       pin_memory=device.startswith("cuda")):
+            if len(idx) < 2:  # BatchNorm needs two samples
                 continue
+            xb = torch.from_numpy(normalize_pool_batch(batch.numpy(), spec)).to(device, non_blocking=True)
+            yb = y_all[torch.from_numpy(idx)].to(device, non_blocking=True)
             logits = net.logits(xb)
             loss = sum(F.cross_entropy(z, yb[:, r]) for r, z in enumerate(logits)) / len(logits)
             opt.zero_grad(set_to_none=True)
@@ -191,17 +208,28 @@ def train_signature_kit(images: np.ndarray, codes: np.ndarray, branching: Sequen
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}")
     bar.close()
-    net = net.cpu().eval()
     metrics: dict = {"kit_train_images": int(len(train_idx)),
                      "kit_holdout_images": int(len(hold_idx)),
                      "loss": loss_value,
                      "kit_params": int(sum(p.numel() for p in net.parameters()))}
     if len(hold_idx):
-        metrics.update(agreement(predict_digits(net, x_all[hold_idx]), codes[hold_idx]))
+        pred = predict_pool(net, pool, hold_idx, spec, device=device, workers=workers)
+        metrics.update(agreement(pred, codes[hold_idx]))
+    net = net.cpu().eval()
     metrics["kit_train_seconds"] = round(time.perf_counter() - start_time, 3)
     write_kit(net, spec, out_dir, metrics, run_id=run_id)
     log.info("signature kit: %s", json.dumps(metrics))
     return metrics
+
+
+def _as_pool(images: np.ndarray | ImagePool) -> ImagePool:
+    """An array becomes a zero-copy MemoryPool; a pool is used as it is."""
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise ValueError(f"images must be N x H x W x C uint8, got {images.dtype} "
+                             f"{images.shape}")
+        return MemoryPool("images", images)
+    return images
 
 
 def write_kit(net: SignatureKitNet, spec: InputSpec, out_dir: str | Path,
