@@ -38,13 +38,32 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    """Which images and at what size; `val_fraction` is held out for the kNN monitor."""
+    """Which images and at what size; `val_fraction` is held out for the kNN monitor.
+
+    `source` is a built-in spec (held in memory), an image folder (streamed: decoded batch by
+    batch) or `shards:DIR` (written by `sdr-server shards`). `limit` keeps a seeded subset,
+    chosen from the file list before any decode. `decode_size` (default: image_size) decodes
+    larger so the random resized crop cuts from more pixels. `workers` DataLoader processes
+    decode batches ahead of the step (0: in the training process); `pin_memory` pins them for
+    asynchronous copies to a GPU; `prefetch` is batches each worker keeps ready.
+    """
 
     source: str = ""
     image_size: int = Field(default=28, ge=8)
     channels: int = 1
     limit: int | None = Field(default=None, gt=0)
     val_fraction: float = Field(default=0.1, ge=0.0, lt=0.9)
+    decode_size: int | None = None
+    workers: int = Field(default=0, ge=0)
+    pin_memory: bool = False
+    prefetch: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _decode_not_smaller(self) -> DataConfig:
+        if self.decode_size is not None and self.decode_size < self.image_size:
+            raise ValueError(f"decode_size must be >= image_size ({self.image_size}), "
+                             f"got {self.decode_size}")
+        return self
 
     @field_validator("channels")
     @classmethod

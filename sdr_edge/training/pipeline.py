@@ -30,8 +30,8 @@ from sdr_edge.artifacts import run_dir as rd
 from sdr_edge.artifacts.atomic import atomic_write_text, sha256_file
 from sdr_edge.artifacts.weights import load_tensors
 from sdr_edge.data.folder import SourceError
+from sdr_edge.data.pool import ImagePool, MemoryPool, channel_stats, open_pool, rank_share
 from sdr_edge.data.preprocess import InputSpec
-from sdr_edge.data.sources import ImageSource, load_source
 from sdr_edge.errors import SdrEdgeError
 from sdr_edge.models.resnet import Backbone
 from sdr_edge.models.sdrnet import SDRnet
@@ -117,6 +117,15 @@ def _first_difference(a: Any, b: Any, path: str = "", where: str = "the checkpoi
     return f"{path}: {a!r} in {where}, {b!r} now"
 
 
+def run_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """The config a checkpoint must match to be resumed: all of it except how images are
+    loaded ([data] workers, pin_memory, prefetch), which changes speed, never the pixels."""
+    raw = cfg.to_dict()
+    raw["data"] = {k: v for k, v in raw.get("data", {}).items()
+                   if k not in ("workers", "pin_memory", "prefetch")}
+    return raw
+
+
 def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items()
             if isinstance(v, int | float | str | bool | list) or v is None}
@@ -137,7 +146,7 @@ class Trainer:
         self.env = env or dd.DistEnv()
         self.metrics = MetricsLog(self.run_dir, enabled=self.env.is_main)
         self.order = phase_order(len(cfg.routing.branching), unified)
-        self.identity = json.loads(json.dumps({"kind": self.kind, "config": cfg.to_dict()}))
+        self.identity = json.loads(json.dumps({"kind": self.kind, "config": run_identity(cfg)}))
         self.ckpt: Checkpoint | None = None
         self.artifacts: dict[str, str] = {}  # sha256 of the run-dir files this run wrote
 
@@ -208,8 +217,8 @@ class Trainer:
             raise RunConflictError(f"{out} is not empty and its {rd.CONFIG} is not an sdr-edge "
                                    f"training config ({str(exc).splitlines()[0]}); "
                                    "pass another --out") from None
-        if theirs.to_dict() != self.cfg.to_dict():
-            diff = _first_difference(theirs.to_dict(), self.cfg.to_dict(), where=rd.CONFIG)
+        if run_identity(theirs) != run_identity(self.cfg):
+            diff = _first_difference(run_identity(theirs), run_identity(self.cfg), where=rd.CONFIG)
             raise RunConflictError(f"{out} holds a different run ({diff}); pass another --out, "
                                    "or delete the folder to start over")
 
@@ -249,14 +258,23 @@ class Trainer:
     # ----- data ---------------------------------------------------------------------------
 
     def _load_data(self) -> None:
+        """Open the pool (a folder or shards only list their files here) and derive the split
+        and the input spec; streamed pools' channel statistics are decoded by rank 0 alone."""
         d, seed = self.cfg.data, self.cfg.train.seed
-        self.source: ImageSource = load_source(d.source, d.image_size, d.channels, d.limit, seed)
-        self.images = self.source.images
-        self.labels = self.source.labels
+        self.pool: ImagePool = open_pool(d, seed)
+        self.labels = self.pool.labels
         self.train_index, self.val_index = split_indices(
-            len(self.source), self.labels is not None, d.val_fraction, seed)
-        mean, std = self.source.subset(self.train_index).channel_stats()
-        self.spec = InputSpec(d.image_size, d.channels, mean, std, tuple(self.source.label_names))
+            len(self.pool), self.labels is not None, d.val_fraction, seed)
+        if isinstance(self.pool, MemoryPool) or not self.env.distributed:
+            mean, std = channel_stats(self.pool, self.train_index, seed=seed)
+        else:
+            stats = torch.zeros(2, d.channels, dtype=torch.float64)
+            if self.env.is_main:
+                stats = torch.tensor(channel_stats(self.pool, self.train_index, seed=seed),
+                                     dtype=torch.float64)
+            self.env.broadcast(stats)
+            mean, std = (tuple(float(v) for v in row) for row in stats)
+        self.spec = InputSpec(d.image_size, d.channels, mean, std, tuple(self.pool.label_names))
         per_rank = min(self.cfg.ssl.batch_size, len(self.train_index)) // self.env.world_size
         if per_rank < 2:
             raise SourceError(f"{d.source}: {len(self.train_index)} training image(s) are too few "
@@ -264,8 +282,20 @@ class Trainer:
         self.global_batch = per_rank * self.env.world_size
 
     def _plan(self, phase_id: int) -> EpochPlan:
-        return EpochPlan(self.images, self.train_index, self.spec, self.global_batch,
-                         self.cfg.train.seed, phase_id, self.cfg.augment.to_augment_config())
+        d = self.cfg.data
+        return EpochPlan(self.pool, self.train_index, self.spec, self.global_batch,
+                         self.cfg.train.seed, phase_id, self.cfg.augment.to_augment_config(),
+                         workers=d.workers, pin_memory=d.pin_memory, prefetch=d.prefetch)
+
+    @property
+    def skipped(self) -> list[str]:
+        """Files the pool could not decode (a streamed pool finds them as it reads them)."""
+        return list(getattr(self.pool, "skipped", []))
+
+    def _images_array(self) -> np.ndarray | None:
+        """The whole pool as one array, for consumers not yet streamed (kit, report montage):
+        a memory pool's own array; None for a streamed pool (never decoded whole)."""
+        return self.pool.images if isinstance(self.pool, MemoryPool) else None
 
     # ----- generic phase ------------------------------------------------------------------
 
@@ -285,8 +315,9 @@ class Trainer:
         else:
             def encode(x: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
                 return model.encoder(x, codes[torch.from_numpy(idx)].to(x.device))
-        return knn_monitor(encode, self.images, self.labels, self.train_index, self.val_index,
-                           self.spec, self.env.device, self.cfg.train.knn_max, self.cfg.train.seed)
+        return knn_monitor(encode, self.pool, self.train_index, self.val_index, self.spec,
+                           self.env.device, self.cfg.train.knn_max, self.cfg.train.seed,
+                           workers=self.cfg.data.workers)
 
     def _train_phase(self, phase: str, phase_id: int, model: SiameseNet, wrapped: nn.Module,
                      opt: torch.optim.Optimizer, epochs: int, start_epoch: int, *,
@@ -352,9 +383,10 @@ class Trainer:
     def _embed_all(self, backbone: Backbone) -> torch.Tensor:
         """L2-normalised teacher features of every image; ranks share the work."""
         backbone = backbone.to(self.env.device).eval()
-        n, w = len(self.images), self.env.world_size
-        mine = np.arange(self.env.rank, n, w)
-        feats = embed(lambda x, idx: backbone(x), self.images, mine, self.spec, self.env.device)
+        n, w = len(self.pool), self.env.world_size
+        mine = rank_share(n, self.env.rank, w)
+        feats = embed(lambda x, idx: backbone(x), self.pool, mine, self.spec, self.env.device,
+                      workers=self.cfg.data.workers)
         if w > 1:
             rows = -(-n // w)
             padded = torch.zeros(rows, backbone.feature_dim)
@@ -367,15 +399,15 @@ class Trainer:
         levels = len(self.cfg.routing.branching)
         if self._past(CLUSTER):
             codes, _ = rd.load_codes(self.run_dir)
-            if codes.shape != (len(self.images), levels):
+            if codes.shape != (len(self.pool), levels):
                 raise RunConflictError(f"{self.run_dir}: codes.safetensors has shape "
-                                       f"{tuple(codes.shape)}, expected {(len(self.images), levels)}")
+                                       f"{tuple(codes.shape)}, expected {(len(self.pool), levels)}")
             return codes
         from sdr_edge.clustering import assign_codes, fit_residual_kmeans
 
         t0 = time.perf_counter()
         emb = self._embed_all(teacher)
-        codes = torch.zeros(len(self.images), levels, dtype=torch.long)
+        codes = torch.zeros(len(self.pool), levels, dtype=torch.long)
         if self.env.is_main:
             x = emb.numpy().astype(np.float32)
             result = fit_residual_kmeans(x[self.train_index], self.cfg.routing.branching,
@@ -449,7 +481,10 @@ class Trainer:
             from sdr_edge.routing.kit import train_signature_kit
 
             t0 = time.perf_counter()
-            result = train_signature_kit(self.images, codes.numpy(), self.cfg.routing.branching,
+            images = self._images_array()
+            if images is None:  # streamed pool: the kit reads through the pool (issue 13, kit)
+                images = self.pool.read(np.arange(len(self.pool)))
+            result = train_signature_kit(images, codes.numpy(), self.cfg.routing.branching,
                                          self.spec, self.run_dir / rd.KIT_DIR,
                                          epochs=self.cfg.kit.epochs, seed=self.cfg.train.seed,
                                          device=str(self.env.device))
@@ -478,7 +513,7 @@ class Trainer:
         from sdr_edge.report import make_training_report
 
         try:
-            paths = make_training_report(self.run_dir, images=self.images)
+            paths = make_training_report(self.run_dir, images=self._images_array())
             log.info("report: %d file(s) in %s", len(paths), self.run_dir / rd.REPORT_DIR)
         except Exception as exc:  # a plotting failure must not lose a finished training run
             log.warning("training report failed: %s: %s", type(exc).__name__, exc)
@@ -516,10 +551,10 @@ class Trainer:
                                    used=str(self.ckpt.path))
         else:
             self.metrics.truncate(0)
-            self.metrics.event("skipped_images", count=len(self.source.skipped),
-                               paths=self.source.skipped[:MAX_LOGGED_SKIPS],
-                               truncated=len(self.source.skipped) > MAX_LOGGED_SKIPS)
-            self.metrics.event("data", source=self.cfg.data.source, images=len(self.images),
+            self.metrics.event("skipped_images", count=len(self.skipped),
+                               paths=self.skipped[:MAX_LOGGED_SKIPS],
+                               truncated=len(self.skipped) > MAX_LOGGED_SKIPS)
+            self.metrics.event("data", source=self.cfg.data.source, images=len(self.pool),
                                train=len(self.train_index), val=len(self.val_index),
                                global_batch=self.global_batch, world_size=self.env.world_size,
                                device=str(self.env.device))
@@ -533,8 +568,8 @@ class Trainer:
         self._report()
         if self.env.is_main:
             info = {"kind": self.kind, "source": self.cfg.data.source,
-                    "num_images": len(self.images), "num_train": len(self.train_index),
-                    "skipped_images": len(self.source.skipped), "input_spec": self.spec.to_dict(),
+                    "num_images": len(self.pool), "num_train": len(self.train_index),
+                    "skipped_images": len(self.skipped), "input_spec": self.spec.to_dict(),
                     "architecture": {"backbone": self.cfg.backbone_config().to_dict()}}
             if not self.unified:
                 info["branching"] = list(self.cfg.routing.branching)
@@ -542,8 +577,8 @@ class Trainer:
             rd.write_run_manifest(self.run_dir, info)
         self._checkpoint(DONE, 0)
         self.env.barrier()
-        return TrainResult(self.run_dir, self.kind, resumed, False, len(self.source.skipped),
-                           len(self.images), time.perf_counter() - t0, self.env.rank)
+        return TrainResult(self.run_dir, self.kind, resumed, False, len(self.skipped),
+                           len(self.pool), time.perf_counter() - t0, self.env.rank)
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, *, unified: bool = False,
