@@ -17,6 +17,7 @@ import numpy as np
 from sdr_edge.artifacts.model_metadata import MetadataError, ModelMetadata, metadata_from_props
 from sdr_edge.inference.base import (
     DEFAULT_CHUNK,
+    INPUT_LAYOUT_KEY,
     NORMALIZED_NCHW,
     RAW_NHWC,
     Runner,
@@ -96,7 +97,9 @@ class OrtRunner:
             if require_metadata:
                 raise
             self.metadata = None
-        if self.metadata is not None and metadata_layout(self.metadata) != self.input_layout:
+        # The graph decides; metadata that names a layout (exports since --raw-input) must agree.
+        if (self.metadata is not None and INPUT_LAYOUT_KEY in self.metadata.extra
+                and metadata_layout(self.metadata) != self.input_layout):
             raise ModelFileError(f"{self.path}: the graph takes {self.input_layout} input but "
                                  f"its metadata says {metadata_layout(self.metadata)}")
 
