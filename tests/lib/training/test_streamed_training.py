@@ -71,25 +71,25 @@ def _config(tmp_path: Path, folder: Path, workers: int) -> Path:
     return path
 
 
-def _command(config: Path, out: Path) -> list[str]:
+def _command(config: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "sdr_edge_server.cli", "train", "--config", str(config),
-            "--out", str(out)]
+            "--out", str(out), *extra]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _run(config: Path, out: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_command(config, out), cwd=ROOT, capture_output=True, text=True,
+def _run(config: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_command(config, out, *extra), cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
-def _kill_in_phase0(config: Path, out: Path, timeout: float = 240) -> dict:
-    """SIGKILL as soon as a checkpoint shows phase 0's first epoch done: mid-way through the
-    second epoch, with DataLoader workers decoding ahead."""
-    proc = subprocess.Popen(_command(config, out), cwd=ROOT, stdout=subprocess.DEVNULL,
+def _kill_after_first_epoch(config: Path, out: Path, timeout: float = 240) -> dict:
+    """SIGKILL a unified run as soon as a checkpoint shows its first epoch done: mid-way
+    through the second epoch, with DataLoader workers decoding ahead."""
+    proc = subprocess.Popen(_command(config, out, "--unified"), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.monotonic() + timeout
     try:
@@ -102,7 +102,7 @@ def _kill_in_phase0(config: Path, out: Path, timeout: float = 240) -> dict:
                     meta = read_metadata(path)
                 except Exception:  # noqa: BLE001 - being replaced this instant; look again
                     meta = None
-            if meta and meta["phase"] == "phase0" and int(meta["epoch"]) >= 1:
+            if meta and meta["phase"] == "unified" and int(meta["epoch"]) >= 1:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(30)
                 return meta
@@ -116,20 +116,22 @@ def _kill_in_phase0(config: Path, out: Path, timeout: float = 240) -> dict:
 
 @pytest.mark.slow
 def test_sigkill_on_a_streamed_folder_resumes_to_the_same_weights(tmp_path, digit_folder):
+    """The unified run (5 epochs here) exercises the same epoch loop as phase 0 and the levels,
+    without the clustering the DDP test below covers."""
     reference = tmp_path / "reference"
-    _run(_config(tmp_path, digit_folder, workers=0), reference)
+    _run(_config(tmp_path, digit_folder, workers=0), reference, "--unified")
     data = next(m for m in read_metrics(reference) if m.get("event") == "data")
     assert data["images"] == 320 and data["train"] == 288
 
     killed = tmp_path / "killed"
     config = _config(tmp_path, digit_folder, workers=2)  # workers change speed, not pixels
-    meta = _kill_in_phase0(config, killed)
+    meta = _kill_after_first_epoch(config, killed)
     assert not (killed / rd.MANIFEST).exists()
-    proc = _run(config, killed)
-    assert "resuming from checkpoint: phase phase0" in proc.stderr
+    proc = _run(config, killed, "--unified")
+    assert "resuming from checkpoint: phase unified" in proc.stderr
     resumed = [m for m in read_metrics(killed) if m.get("event") == "resumed"]
-    assert resumed == [{"event": "resumed", "phase": "phase0", "epoch": meta["epoch"]}]
-    for name in (rd.TEACHER, rd.CODES, rd.SDRNET):
+    assert resumed == [{"event": "resumed", "phase": "unified", "epoch": meta["epoch"]}]
+    for name in (rd.TEACHER,):
         a, _ = load_tensors(reference / name)
         b, _ = load_tensors(killed / name)
         assert a.keys() == b.keys()
