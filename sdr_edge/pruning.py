@@ -48,6 +48,7 @@ from sdr_edge.models.classifier import SubnetModel
 
 log = logging.getLogger(__name__)
 
+PRUNE_METHOD = "torch-pruning BasePruner, GroupMagnitudeImportance(p=2)"
 PARENT_MANIFEST = "parent_manifest.json"
 PARENT_SIGNATURE = "parent_manifest.sig"
 
@@ -165,7 +166,7 @@ def prune_bundle(bundle_dir: str | Path, server_pubkey: Ed25519PublicKey,
         "parent_manifest_sha256": sha256_bytes(parent_manifest),
         "parent_provenance": parent.manifest.get("provenance", {}),
         "pruned": {**result.summary(), "target_macs_ratio": macs_ratio,
-                   "method": "torch-pruning BasePruner, GroupMagnitudeImportance(p=2)"},
+                   "method": PRUNE_METHOD},
     }
     extra = {PARENT_MANIFEST: parent_manifest, PARENT_SIGNATURE: parent_files[SIGNATURE]}
     with staged_dir(out_dir) as staging:  # checked in staging: a mismatch publishes nothing

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from sdr_edge.federated.node_data import NodeDataError
+from sdr_edge.federated.node_data import NodeDataError, with_simulation_defaults
 from sdr_edge.federated.task import (
     BUNDLE_ACTION,
     evaluate_task,
@@ -33,9 +33,11 @@ app = ClientApp()
 
 def _reply(task: Callable[[RecordDict, dict, RecordDict], RecordDict], msg: Message,
            context: Context) -> Message:
-    try:  # context.state persists across the run's messages (FedBN keeps its BatchNorm there)
-        return Message(task(msg.content, dict(context.node_config), context.state),
-                       reply_to=msg)
+    # context.state persists across the run's messages (FedBN keeps its BatchNorm there);
+    # a simulated node's config gets its data and kit from the run (with_simulation_defaults)
+    node_config = with_simulation_defaults(context.node_config, context.run_config)
+    try:
+        return Message(task(msg.content, node_config, context.state), reply_to=msg)
     except NodeDataError as exc:
         log.error("%s refused: %s", msg.metadata.message_type, exc)
         return Message(Error(NODE_DATA_ERROR, f"node data error: {exc}"), reply_to=msg)

@@ -84,6 +84,14 @@ class FederationConfig(BaseModel):
     route: str = _field("", "route")
     seed: int = _field(0, "seed")
     evaluate_start: bool = _field(True, "evaluate-start")
+    # Budget: prune the routed sub-net to this share of its MACs before FedAvg (1.0: keep it)
+    prune_macs_ratio: float = _field(1.0, "prune-macs-ratio", gt=0, le=1)
+    # Flower's Simulation Engine: nodes without `data` in their node config take this source,
+    # split by the partition-id / num-partitions the engine gives them (node_data.sim_defaults)
+    sim_data: str = _field("builtin:digits", "sim-data", min_length=1)
+    sim_partition: Literal["iid", "dirichlet"] = _field("iid", "sim-partition")
+    sim_alpha: float = _field(0.5, "sim-alpha", gt=0)
+    sim_limit: int = _field(0, "sim-limit", ge=0)  # a seeded subset first (0: all images)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> FederationConfig:

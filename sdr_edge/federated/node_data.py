@@ -14,6 +14,9 @@ Keys (all optional except `data`):
     dp-epsilon      release a differentially private signature (sdr_edge.routing.privacy)
     bundle-dir      keep the signed fine-tuned bundle here; server-pubkey verifies it
 
+Flower's Simulation Engine gives its virtual nodes only `partition-id` and `num-partitions`;
+`with_simulation_defaults` fills in the rest from the run config (`sim-*` keys, the run's kit).
+
 Any other key is refused (NodeConfig). A node whose data is missing, empty or unlabelled when labels are needed gets a
 `NodeDataError` naming the problem; the ClientApp turns it into an error reply.
 """
@@ -92,6 +95,34 @@ class NodeConfig(BaseModel):
         except ValidationError as exc:
             raise NodeDataError("bad node config: " + "; ".join(
                 _describe(e) for e in exc.errors())) from None
+
+
+SIM_PARTITION_KEYS = frozenset({"partition-id", "num-partitions"})
+
+
+def with_simulation_defaults(node_config: Mapping[str, object],
+                             run_config: Mapping[str, object]) -> dict[str, object]:
+    """A simulated node's config: what the engine gave it plus data and kit from the run.
+
+    Flower's Simulation Engine puts only `partition-id` / `num-partitions` into a virtual
+    node's config. Such a node (and only such: a SuperNode started with a node config keeps
+    it as it is, so a device missing its data is still told so) takes the run config's
+    `sim-data` split IID or Dirichlet(`sim-alpha`) by `sim-partition`, a `sim-limit` subset,
+    the run's `seed` as partition seed (the same on every node: disjoint shares), and the
+    signature kit of `run-dir` (the simulation runs on the server's machine).
+    """
+    config = dict(node_config)
+    if "data" in config or not set(config) <= SIM_PARTITION_KEYS or not config:
+        return config
+    config["data"] = str(run_config.get("sim-data") or "builtin:digits")
+    if str(run_config.get("sim-partition", "iid")).lower() == "dirichlet":
+        config["alpha"] = float(run_config.get("sim-alpha", 0.5))  # type: ignore[arg-type]
+    if int(run_config.get("sim-limit", 0) or 0) > 0:  # type: ignore[arg-type]
+        config["limit"] = int(run_config["sim-limit"])  # type: ignore[arg-type]
+    config["partition-seed"] = int(run_config.get("seed", 0) or 0)  # type: ignore[arg-type]
+    if run_config.get("run-dir"):
+        config["kit-dir"] = str(Path(str(run_config["run-dir"])).expanduser() / "kit")
+    return config
 
 
 def _describe(error: Mapping) -> str:

@@ -2,8 +2,10 @@
 
 Only floating-point tensors travel (weights and BatchNorm running statistics); integer
 bookkeeping such as `num_batches_tracked` stays local, because a weighted average of it is
-meaningless. The receiving side rebuilds the model from the architecture JSON and loads the
-arrays strictly, so a node never runs a model it cannot account for.
+meaningless. The receiving side rebuilds the model from the architecture JSON, resizes its layers to the
+received tensors' shapes (a sub-net pruned by the server keeps the architecture's layout with
+fewer channels, as a pruned bundle does) and loads the arrays strictly, so a node never runs a
+model it cannot account for.
 """
 
 from __future__ import annotations
@@ -70,6 +72,23 @@ def model_from_config(config: Mapping[str, object]) -> tuple[SubnetModel, InputS
     if not arch.get("num_classes"):
         raise ValueError("the server's model has no classification head")
     return SubnetModel.from_arch_dict(arch), spec
+
+
+def model_from_message(config: Mapping[str, object], record: Mapping[str, Array]
+                       ) -> tuple[SubnetModel, InputSpec]:
+    """The server's model: its architecture, its layers' widths from the received weights'
+    shapes (`bundle.fit_modules_to_state`, the rule pruned bundles load by), its weights."""
+    from sdr_edge.artifacts.bundle import fit_modules_to_state
+
+    model, spec = model_from_config(config)
+    shapes = {k: torch.empty(tuple(a.shape), device="meta")  # shapes only, no memory
+              for k, a in record.items() if k.endswith("weight")}
+    try:
+        fit_modules_to_state(model, shapes)
+    except (ValueError, IndexError) as exc:
+        raise ValueError(f"weights do not fit the model's layers: {exc}") from exc
+    arrays_into_model(model, record)
+    return model, spec
 
 
 def config_record(entries: Mapping[str, object]) -> ConfigRecord:

@@ -195,6 +195,30 @@ def _evaluate_start(grid: Grid, strategy, arrays, config: ConfigRecord,
     return strategy.aggregate_evaluate(0, replies)
 
 
+def prune_for_budget(model: SubnetModel, spec: InputSpec, macs_ratio: float
+                     ) -> tuple[SubnetModel, dict | None]:
+    """The routed sub-net cut to `macs_ratio` of its MACs before any round (None: not pruned).
+
+    The library's pruning (`sdr_edge.pruning.prune_to_macs`: torch-pruning, group L2
+    magnitude, head and feature layer kept) runs once here, so every node fine-tunes the
+    network the fleet's budget allows and FedAvg averages tensors of one shape; nodes rebuild
+    the widths from the weights they receive (records.model_from_message). The summary with
+    the channel widths goes into the bundle's provenance, as `sdr-client prune` records it.
+    """
+    if macs_ratio >= 1.0:
+        return model, None
+    from sdr_edge.pruning import PRUNE_METHOD, PruningError, prune_to_macs
+
+    try:
+        result = prune_to_macs(model, spec, macs_ratio, progress=False)
+    except PruningError as exc:
+        raise FederationConfigError(f"prune-macs-ratio {macs_ratio}: {exc}") from exc
+    log.info("pruned the sub-net to %.3f of its MACs (%d -> %d, target %s)", result.macs_ratio,
+             result.macs_before, result.macs_after, macs_ratio)
+    return result.model, {**result.summary(), "target_macs_ratio": macs_ratio,
+                          "method": PRUNE_METHOD}
+
+
 def deliver_bundle(grid: Grid, bundle_dir: Path, timeout: float) -> dict[str, str]:
     """Send the signed bundle to every connected node; node id -> 'kept' / 'not kept' / reason.
 
@@ -233,6 +257,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model = SubnetModel(start.backbone, num_classes).eval()
     spec = dataclasses.replace(start.spec, label_names=names)
+    model, pruned = prune_for_budget(model, spec, cfg.prune_macs_ratio)
     described = describe_model(model, spec, start.route)
     arrays = model_to_arrays(model)
     log.info("sub-net %s: %d bytes per transfer (whole SDRnet: %s)", list(start.route),
@@ -275,6 +300,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict:
         "subnet_bytes": arrays_nbytes(arrays),
         "sdrnet_bytes": start.sdrnet_bytes,
         "source": start.source,
+        "pruned": pruned,
         "seconds": round(time.time() - started, 1),
     }
     bundle = write_bundle(model, out_dir / BUNDLE_DIR, start.route, spec, key,

@@ -18,9 +18,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from sdr_edge.federated.node_data import NodeData, NodeDataConfig, NodeDataError, load_node_data
 from sdr_edge.federated.records import (
-    arrays_into_model,
     batchnorm_keys,
-    model_from_config,
+    model_from_message,
     model_to_arrays,
 )
 from sdr_edge.training.finetune import ROUND_LR, FineTuneConfig, evaluate_local, train_local
@@ -54,6 +53,12 @@ def _config(content: RecordDict) -> ConfigRecord:
     if CONFIG not in content.config_records:
         raise ValueError(f"message carries no {CONFIG!r} ConfigRecord")
     return content.config_records[CONFIG]
+
+
+def _arrays(content: RecordDict) -> ArrayRecord:
+    if ARRAYS not in content.array_records:
+        raise ValueError(f"message carries no {ARRAYS!r} ArrayRecord")
+    return content.array_records[ARRAYS]
 
 
 def query_task(content: RecordDict, node_config: Mapping[str, object],
@@ -137,8 +142,7 @@ def train_task(content: RecordDict, node_config: Mapping[str, object],
     them only when the server asks ("send-bn", the last round, for the bundle's mean).
     """
     config = _config(content)
-    model, spec = model_from_config(config)
-    arrays_into_model(model, content.array_records[ARRAYS])
+    model, spec = model_from_message(config, _arrays(content))
     fedbn = _flag(config.get("fedbn", False))
     if fedbn:
         _load_local_bn(model, state)
@@ -162,8 +166,7 @@ def evaluate_task(content: RecordDict, node_config: Mapping[str, object],
     """Loss and accuracy of the received model on the node's held-out split (under FedBN with
     the node's own BatchNorm layers: the model this device would run)."""
     config = _config(content)
-    model, spec = model_from_config(config)
-    arrays_into_model(model, content.array_records[ARRAYS])
+    model, spec = model_from_message(config, _arrays(content))
     if _flag(config.get("fedbn", False)):
         _load_local_bn(model, state)
     data = node_data(node_config, spec.image_size, spec.channels)
