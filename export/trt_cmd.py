@@ -1,9 +1,10 @@
-"""Build a TensorRT engine from an exported ONNX model, checked against ONNX Runtime.
+"""Build a TensorRT engine from an exported ONNX model with polygraphy, checked against ONNX Runtime.
 
 Needs the TensorRT Python package and an NVIDIA GPU (`pip install 'sdr-edge[trt]'`, or
 JetPack on Jetson); without them it stops at once and says what is missing. The network is
 strongly typed (precision comes from the ONNX), the batch axis gets an optimisation profile,
-and the engine is written next to a metadata JSON only after it matched ONNX Runtime.
+and the engine is written next to a metadata JSON (with polygraphy's comparison report) only
+after it matched ONNX Runtime within the tolerance of its precision.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-inputs", type=int, default=256,
                    help="inputs the engine is compared with ONNX Runtime on")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample inputs")
+    p.add_argument("--compare-images", type=Path, default=None,
+                   help="folder of images to compare on (e.g. the calibration images; default: "
+                        "standard normal inputs)")
 
 
 def options_from_args(args: argparse.Namespace):
@@ -41,10 +45,12 @@ def options_from_args(args: argparse.Namespace):
         max_batch=args.max_batch, timing_cache=args.timing_cache,
         version_compatible=args.version_compatible, hardware_compat=args.hardware_compat,
         workspace_mb=args.workspace_mb, sample_inputs=args.sample_inputs, seed=args.seed,
+        compare_images=args.compare_images,
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from sdr_edge.export.engine_compare import CompareError
     from sdr_edge.export.parity import ParityError
     from sdr_edge.export.tensorrt_build import EngineBuildError, build_and_verify
     from sdr_edge.inference.cuda_device import TensorRTUnavailable, require_tensorrt_and_gpu
@@ -55,12 +61,14 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     try:
         doc = build_and_verify(options_from_args(args))
-    except (EngineBuildError, ParityError) as exc:
+    except (EngineBuildError, CompareError, ParityError) as exc:
         raise CommandError(f"{exc} (nothing was written to {args.out})") from exc
     prof = doc["input"]["profile"]
     print(f"wrote {args.out} (TensorRT {doc['tensorrt_version']}, {doc['precision']}, "
           f"{doc['gpu']['name']} sm_{''.join(map(str, doc['gpu']['compute_capability']))}, "
-          f"batch {prof['min'][0]}..{prof['max'][0]}, built in {doc.get('build_seconds')} s)")
+          f"batch {prof['min'][0]}..{prof['max'][0]}, built in {doc.get('build_seconds')} s "
+          f"by {doc['builder']})")
+    print(f"  compared on {doc['comparison'].get('inputs_from', '?')}")
     for check in doc["checks"]:
         print(f"  {check['name']}: {check['detail']}")
     return 0

@@ -1,9 +1,19 @@
-"""ONNX -> TensorRT engine with the TensorRT 10/11 Python API, then checked against ONNX Runtime.
+"""ONNX -> TensorRT engine through NVIDIA's polygraphy, checked against ONNX Runtime.
 
-The network is strongly typed: precision comes from the ONNX itself (fp32, fp16 weights from
-`--precision fp16`, or QDQ int8 from `--precision int8 --int8-target tensorrt`), which is what
-TensorRT 11 requires and TensorRT 10 supports. Everything up to the build (reading the ONNX
-input, batch profile shapes, option checks, metadata) is plain Python and testable anywhere;
+polygraphy parses the ONNX (`NetworkFromOnnxPath`, strongly typed), configures the builder
+(`CreateConfig`: batch profile, workspace, timing cache, version/hardware compatibility; TF32
+stays off), builds (`EngineFromNetwork`, which also saves the timing cache) and saves the
+engine (`SaveEngine`); `engine_compare` then runs the saved file with polygraphy's `TrtRunner`
+against our ONNX Runtime session with polygraphy's comparator. polygraphy docs:
+https://docs.nvidia.com/deeplearning/tensorrt/polygraphy/docs/backend/trt/loader.html
+
+Precision comes from the ONNX itself: fp32, fp16 weights from `sdr-export onnx --precision
+fp16`, or QDQ int8 from `--precision int8 --int8-target tensorrt`, calibrated there on the
+bundle's calibration images (ONNX Runtime's MinMax calibrator, `quantize.py`). That is what
+TensorRT 11 requires (strongly typed networks) and TensorRT 10 supports; polygraphy's
+`Calibrator` (implicit INT8, builder-side calibration) is deprecated since TensorRT 10.1 and
+gone in 11, so it is not used. Everything up to the build (reading the ONNX input, batch
+profile shapes, option checks, metadata) is plain Python and testable anywhere;
 `build_and_verify` needs TensorRT and an NVIDIA GPU and says so at once when either is missing.
 """
 
@@ -18,10 +28,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 
-from sdr_edge.artifacts.atomic import atomic_write_bytes, fsync_dir, sha256_file
+from sdr_edge.artifacts.atomic import fsync_dir, sha256_file
 from sdr_edge.artifacts.model_metadata import (
     METADATA_KEY,
     MetadataError,
@@ -31,24 +40,18 @@ from sdr_edge.artifacts.model_metadata import (
 )
 from sdr_edge.artifacts.staging import check_replaceable_file
 from sdr_edge.errors import SdrEdgeError
-from sdr_edge.export.parity import (
-    ParityCheck,
-    cosine_check,
-    raise_on_failure,
-    scaled_abs_check,
-    top1_agreement_check,
+from sdr_edge.export.engine_compare import (
+    Comparison,
+    compare_runners,
+    comparison_inputs,
+    make_batches,
+    reference_runner,
 )
+from sdr_edge.export.parity import raise_on_failure
 
 log = logging.getLogger(__name__)
 
 HARDWARE_COMPAT = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY"}
-# Engine vs ONNX Runtime on the same inputs: different kernels and accumulation orders, so the
-# bounds are looser than the export's PyTorch checks (TF32 is switched off for fp32 builds).
-ENGINE_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2}
-ENGINE_INT8_MIN_AGREEMENT = 0.99
-ENGINE_INT8_MIN_COSINE = 0.99
-
-
 ENGINE_FORMAT = "sdr-edge-engine"
 
 
@@ -101,6 +104,7 @@ class BuildOptions:
     workspace_mb: int = 1024
     sample_inputs: int = 256
     seed: int = 0
+    compare_images: Path | None = None  # real images for the check (else standard normal)
     extra: dict = field(default_factory=dict)
 
 
@@ -214,6 +218,8 @@ def validate_options(opts: BuildOptions) -> None:
         raise EngineBuildError(f"--timing-cache {opts.timing_cache} is not a file")
     if opts.sample_inputs < 1:
         raise EngineBuildError("the engine check needs at least one sample input")
+    if opts.compare_images is not None and not opts.compare_images.is_dir():
+        raise EngineBuildError(f"--compare-images {opts.compare_images} is not a folder")
 
 
 def prepare_build(opts: BuildOptions) -> tuple[OnnxModelInfo, ProfileShapes]:
@@ -231,11 +237,13 @@ def prepare_build(opts: BuildOptions) -> tuple[OnnxModelInfo, ProfileShapes]:
 def engine_metadata(info: OnnxModelInfo, shapes: ProfileShapes, opts: BuildOptions,
                     onnx_sha256: str, tensorrt_version: str, gpu: dict,
                     engine_sha256: str = "", checks: list[dict] | None = None,
-                    build_seconds: float | None = None) -> dict:
+                    build_seconds: float | None = None,
+                    comparison: dict | None = None) -> dict:
     """The JSON written next to the engine: what it was built from, for what, and how."""
     doc = {
         "format": ENGINE_FORMAT,
         "format_version": 1,
+        "builder": f"polygraphy {_polygraphy_version()}",
         "tensorrt_version": tensorrt_version,
         "gpu": gpu,
         "precision": info.precision,
@@ -249,6 +257,7 @@ def engine_metadata(info: OnnxModelInfo, shapes: ProfileShapes, opts: BuildOptio
         "hardware_compat": opts.hardware_compat,
         "workspace_mb": int(opts.workspace_mb),
         "checks": checks or [],
+        "comparison": comparison or {},
     }
     if build_seconds is not None:
         doc["build_seconds"] = round(build_seconds, 3)
@@ -257,120 +266,131 @@ def engine_metadata(info: OnnxModelInfo, shapes: ProfileShapes, opts: BuildOptio
     return doc
 
 
-def engine_checks(precision: str, output_kind: str, ref: np.ndarray, got: np.ndarray
-                  ) -> list[ParityCheck]:
-    """Engine vs ONNX Runtime (tolerance by precision, see ENGINE_TOLERANCE)."""
-    if precision in ENGINE_TOLERANCE:
-        return [scaled_abs_check(f"TensorRT {precision} vs ONNX Runtime", ref, got,
-                                 ENGINE_TOLERANCE[precision])]
-    if output_kind == "features":
-        return [cosine_check("TensorRT int8 vs ONNX Runtime", ref, got, ENGINE_INT8_MIN_COSINE)]
-    return [top1_agreement_check("TensorRT int8 vs ONNX Runtime", ref, got,
-                                 ENGINE_INT8_MIN_AGREEMENT)]
-
-
-def sample_inputs(shapes: ProfileShapes, count: int, seed: int) -> np.ndarray:
-    """Inputs for the engine check: standard normal, i.e. the scale of normalised images."""
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((count, *shapes.opt[1:])).astype(np.float32)
-
-
-# --- needs TensorRT and a GPU from here on -----------------------------------------------
-
-
-def _parser_errors(parser) -> str:
-    lines = []
-    for i in range(parser.num_errors):
-        err = parser.get_error(i)
-        where = ""
-        node = err.node() if hasattr(err, "node") else -1
-        if node is not None and node >= 0:
-            name = err.node_name() if hasattr(err, "node_name") else ""
-            op = err.node_operator() if hasattr(err, "node_operator") else ""
-            where = f" at node {node} {name} ({op})".rstrip()
-        lines.append(f"[{err.code()}]{where}: {err.desc()}")
-    return "; ".join(lines) or "no error recorded"
-
-
-def build_serialized_engine(trt, info: OnnxModelInfo, shapes: ProfileShapes,
-                            opts: BuildOptions) -> bytes:
-    """Parse the ONNX model into a strongly typed network and build the serialized engine."""
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    network = builder.create_network(0 if strongly is None else 1 << int(strongly))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(opts.onnx)):
-        raise EngineBuildError(f"TensorRT's ONNX parser rejected {opts.onnx.name}: "
-                               f"{_parser_errors(parser)}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_mb) << 20)
-    if info.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)  # keep fp32 an fp32 engine (parity 1e-3)
-    profile = builder.create_optimization_profile()
-    profile.set_shape(info.input_name, shapes.min, shapes.opt, shapes.max)
-    config.add_optimization_profile(profile)
-    if opts.version_compatible:
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    if opts.hardware_compat != "none":
-        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel,
-                                                      HARDWARE_COMPAT[opts.hardware_compat])
-    cache_bytes = b""
-    if opts.timing_cache is not None and opts.timing_cache.is_file():
-        cache_bytes = opts.timing_cache.read_bytes()
-        log.info("timing cache: loaded %d bytes from %s", len(cache_bytes), opts.timing_cache)
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise EngineBuildError(f"TensorRT could not build an engine from {opts.onnx.name} "
-                               "(see the TensorRT log above)")
-    if opts.timing_cache is not None:
-        atomic_write_bytes(opts.timing_cache, bytes(memoryview(config.get_timing_cache()
-                                                               .serialize())))
-    return bytes(memoryview(serialized))
-
-
 def check_engine_output(out: Path) -> None:
     """`out` and its metadata JSON must be absent or an earlier engine of ours (sha256 recorded)."""
     check_replaceable_file(out, engine_metadata_path(out), {ENGINE_FORMAT}, "engine_sha256")
 
 
-def build_and_verify(opts: BuildOptions) -> dict:
-    """Build, run the engine against ONNX Runtime, and write engine + metadata atomically."""
-    from sdr_edge.inference.cuda_device import require_tensorrt_and_gpu
+# --- needs TensorRT and a GPU from here on -----------------------------------------------
+
+
+
+
+def _polygraphy_version() -> str:
+    import polygraphy
+
+    return polygraphy.__version__
+
+
+def _first_line(exc: BaseException) -> str:
+    """polygraphy's errors carry its log; the first line says what failed."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(lines[:3]) or type(exc).__name__
+
+
+def build_config(trt, info: OnnxModelInfo, shapes: ProfileShapes, opts: BuildOptions,
+                 cache_path: Path | None = None):
+    """polygraphy's `CreateConfig` for our options (precision flags stay off: strongly typed).
+
+    The timing cache is read from `cache_path`, the staged copy: polygraphy locks the file it
+    reads with a `.lock` file beside it, which must not appear next to the user's cache.
+    """
+    from polygraphy.backend.trt import CreateConfig, Profile
+
+    profile = Profile().add(info.input_name, min=shapes.min, opt=shapes.opt, max=shapes.max)
+    kwargs = {}
+    if opts.hardware_compat != "none":
+        kwargs["hardware_compatibility_level"] = getattr(trt.HardwareCompatibilityLevel,
+                                                         HARDWARE_COMPAT[opts.hardware_compat])
+    load_cache = str(cache_path) if cache_path is not None and cache_path.is_file() else None
+    return CreateConfig(
+        profiles=[profile], tf32=False,
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(opts.workspace_mb) << 20},
+        load_timing_cache=load_cache, version_compatible=opts.version_compatible or None,
+        **kwargs,
+    )
+
+
+def build_engine(trt, info: OnnxModelInfo, shapes: ProfileShapes, opts: BuildOptions,
+                 engine_path: Path, cache_path: Path | None) -> float:
+    """Parse, build and save the engine (and the timing cache) with polygraphy; seconds taken."""
+    from polygraphy.backend.trt import EngineFromNetwork, NetworkFromOnnxPath, SaveEngine
+    from polygraphy.exception import PolygraphyException
+
+    network = NetworkFromOnnxPath(str(opts.onnx), strongly_typed=True)
+    build = EngineFromNetwork(network, config=build_config(trt, info, shapes, opts, cache_path),
+                              save_timing_cache=str(cache_path) if cache_path else None)
+    t0 = time.perf_counter()
+    try:
+        engine = SaveEngine(build, path=str(engine_path))()
+    except PolygraphyException as exc:
+        raise EngineBuildError(f"TensorRT could not build an engine from {opts.onnx.name}: "
+                               f"{_first_line(exc)}") from exc
+    seconds = time.perf_counter() - t0
+    del engine  # free the builder's copy before the check loads the saved file
+    return seconds
+
+
+def compare_engine(engine_path: Path, info: OnnxModelInfo, shapes: ProfileShapes,
+                   opts: BuildOptions) -> Comparison:
+    """The saved engine (polygraphy `TrtRunner`) against our ONNX Runtime session on the ONNX."""
+    from polygraphy.backend.trt import EngineFromPath, TrtRunner
+
     from sdr_edge.inference.runners import OrtRunner
-    from sdr_edge.inference.trt_runner import TrtRunner
+
+    spec = info.metadata.input_spec
+    x, where = comparison_inputs(spec, opts.sample_inputs, opts.seed, opts.compare_images)
+    batches = make_batches(x, shapes.min[0], shapes.opt[0])
+    ort = OrtRunner(opts.onnx)
+    candidate = TrtRunner(EngineFromPath(str(engine_path)), name="tensorrt")
+    result = compare_runners(candidate, reference_runner(ort.session), batches,
+                             info.input_name, info.precision, info.metadata.output_kind,
+                             "TensorRT")
+    result.report["inputs_from"] = where
+    return result
+
+
+def _stage_cache(opts: BuildOptions, stage: Path) -> Path | None:
+    """A copy of the timing cache to build with, renamed over the real one after the build."""
+    if opts.timing_cache is None:
+        return None
+    staged = stage / "timing.cache"
+    if opts.timing_cache.is_file():
+        shutil.copyfile(opts.timing_cache, staged)  # polygraphy merges into what is there
+    return staged
+
+
+def build_and_verify(opts: BuildOptions) -> dict:
+    """Build, run the engine against ONNX Runtime, and write engine + metadata atomically.
+
+    Everything is written in a staging folder beside `--out`; the timing cache is renamed into
+    place once the build succeeded (it is valid whatever the check says), the engine and its
+    metadata JSON only after the check passed.
+    """
+    from sdr_edge.inference.cuda_device import quiet_polygraphy, require_tensorrt_and_gpu
 
     info, shapes = prepare_build(opts)
     check_engine_output(opts.out)
     trt, gpu = require_tensorrt_and_gpu("`sdr-export trt`")
+    quiet_polygraphy()
     onnx_sha = sha256_file(opts.onnx)
-    t0 = time.perf_counter()
-    engine_bytes = build_serialized_engine(trt, info, shapes, opts)
-    build_seconds = time.perf_counter() - t0
-
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{opts.out.name}.", dir=opts.out.parent))
     try:
         staged = stage / opts.out.name
-        staged.write_bytes(engine_bytes)
+        staged_cache = _stage_cache(opts, stage)
+        build_seconds = build_engine(trt, info, shapes, opts, staged, staged_cache)
+        if staged_cache is not None and staged_cache.is_file():
+            opts.timing_cache.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged_cache, opts.timing_cache)
+            log.info("timing cache: saved %s", opts.timing_cache)
+        comparison = compare_engine(staged, info, shapes, opts)
+        raise_on_failure(f"TensorRT {info.precision} engine", comparison.checks)
         doc = engine_metadata(info, shapes, opts, onnx_sha, trt.__version__, gpu.to_dict(),
-                              sha256_file(staged), build_seconds=build_seconds)
+                              sha256_file(staged), build_seconds=build_seconds,
+                              checks=[c.to_dict() for c in comparison.checks],
+                              comparison=comparison.report)
         staged_meta = engine_metadata_path(staged)
-        staged_meta.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-        x = sample_inputs(shapes, opts.sample_inputs, opts.seed)
-        small = x[: shapes.min[0]]  # the smallest profile batch runs too, not only full chunks
-        ort_runner = OrtRunner(opts.onnx)
-        ref = np.concatenate([ort_runner.run(x), ort_runner.run(small)])
-        runner = TrtRunner(staged, staged_meta)
-        try:
-            got = np.concatenate([runner.run(x), runner.run(small)])
-        finally:
-            runner.close()
-        checks = engine_checks(info.precision, info.metadata.output_kind, ref, got)
-        raise_on_failure(f"TensorRT {info.precision} engine", checks)
-        doc["checks"] = [c.to_dict() for c in checks]
         staged_meta.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         staged_meta.chmod(0o644)
         check_engine_output(opts.out)  # again: the build took a while

@@ -1,9 +1,11 @@
-"""Find TensorRT and an NVIDIA GPU, and move buffers to and from it.
+"""Find TensorRT and an NVIDIA GPU before any TensorRT work, and name what is missing.
 
-TensorRT needs both its Python package and a CUDA device; when either is missing we say
-which, and how to get it, before doing any work. Device buffers come from cuda-python (what
-`sdr-edge[trt]` installs, and what Jetson images carry) or, failing that, from a CUDA build of
-torch; both give raw device pointers for TensorRT's tensor-address API.
+polygraphy (which builds and runs our engines, and owns their device buffers) imports
+TensorRT lazily and fails deep inside a loader when it or the GPU is absent; it cannot tell
+whether a CUDA device exists or what it is. So this stays hand-written: the GPU's name and
+compute capability (recorded in the engine's metadata, since engines are specific to them)
+come from cuda-python (what `sdr-edge[trt]` installs, and what Jetson images carry) or,
+failing that, from a CUDA build of torch.
 """
 
 from __future__ import annotations
@@ -11,9 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from dataclasses import dataclass
-from typing import Any, Protocol
-
-import numpy as np
+from typing import Any
 
 from sdr_edge.errors import SdrEdgeError
 
@@ -120,109 +120,8 @@ def require_tensorrt_and_gpu(what: str = "TensorRT") -> tuple[Any, GpuInfo]:
     return trt, gpu
 
 
-class DeviceMemory(Protocol):
-    """Raw device allocations and copies on one CUDA stream."""
+def quiet_polygraphy() -> None:
+    """polygraphy logs at INFO to stdout by default; keep its warnings and errors only."""
+    from polygraphy.logger import G_LOGGER
 
-    name: str
-    stream: int
-
-    def alloc(self, nbytes: int) -> int: ...
-
-    def h2d(self, ptr: int, host: np.ndarray) -> None: ...
-
-    def d2h(self, host: np.ndarray, ptr: int) -> None: ...
-
-    def synchronize(self) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class CudaPythonMemory:
-    """Device memory through cuda-python's runtime API."""
-
-    name = "cuda-python"
-
-    def __init__(self, cudart: Any) -> None:
-        self.cudart = cudart
-        self._stream = _check(cudart, cudart.cudaStreamCreate())
-        self.stream = int(self._stream)
-        self._ptrs: list[int] = []
-
-    def alloc(self, nbytes: int) -> int:
-        ptr = int(_check(self.cudart, self.cudart.cudaMalloc(max(int(nbytes), 1))))
-        self._ptrs.append(ptr)
-        return ptr
-
-    def h2d(self, ptr: int, host: np.ndarray) -> None:
-        host = np.ascontiguousarray(host)
-        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        _check(self.cudart, self.cudart.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, kind,
-                                                        self._stream))
-        self.synchronize()  # the host array may be freed as soon as we return
-
-    def d2h(self, host: np.ndarray, ptr: int) -> None:
-        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        _check(self.cudart, self.cudart.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, kind,
-                                                        self._stream))
-        self.synchronize()
-
-    def synchronize(self) -> None:
-        _check(self.cudart, self.cudart.cudaStreamSynchronize(self._stream))
-
-    def close(self) -> None:
-        for ptr in self._ptrs:
-            self.cudart.cudaFree(ptr)
-        self._ptrs.clear()
-        self.cudart.cudaStreamDestroy(self._stream)
-
-
-class TorchCudaMemory:
-    """Device memory as torch CUDA tensors (when cuda-python is absent)."""
-
-    name = "torch"
-
-    def __init__(self) -> None:
-        import torch
-
-        self.torch = torch
-        self._stream = torch.cuda.Stream()
-        self.stream = int(self._stream.cuda_stream)
-        self._tensors: dict[int, Any] = {}
-
-    def alloc(self, nbytes: int) -> int:
-        t = self.torch.empty(max(int(nbytes), 1), dtype=self.torch.uint8, device="cuda")
-        self._tensors[t.data_ptr()] = t
-        return t.data_ptr()
-
-    def h2d(self, ptr: int, host: np.ndarray) -> None:
-        src = self.torch.from_numpy(np.ascontiguousarray(host).view(np.uint8).reshape(-1))
-        with self.torch.cuda.stream(self._stream):
-            self._tensors[ptr][: src.numel()].copy_(src)
-        self.synchronize()
-
-    def d2h(self, host: np.ndarray, ptr: int) -> None:
-        self.synchronize()
-        flat = self._tensors[ptr][: host.nbytes].cpu().numpy()
-        host[...] = flat.view(host.dtype).reshape(host.shape)
-
-    def synchronize(self) -> None:
-        self._stream.synchronize()
-
-    def close(self) -> None:
-        self._tensors.clear()
-
-
-def device_memory() -> DeviceMemory:
-    """cuda-python when installed, else torch's CUDA allocator."""
-    cudart = _cudart()
-    if cudart is not None:
-        return CudaPythonMemory(cudart)
-    if importlib.util.find_spec("torch") is not None:
-        import torch
-
-        if torch.cuda.is_available():
-            return TorchCudaMemory()
-    raise TensorRTUnavailable(
-        "running a TensorRT engine needs cuda-python or a CUDA build of torch for device "
-        f"buffers; {INSTALL_HINT}"
-    )
+    G_LOGGER.module_severity = G_LOGGER.WARNING

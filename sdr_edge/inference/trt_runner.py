@@ -1,9 +1,11 @@
-"""Run a serialized TensorRT engine with the TensorRT 10 tensor API.
+"""Run a serialized TensorRT engine with polygraphy's `TrtRunner`.
 
-Shapes go in with `set_input_shape`, buffers with `set_tensor_address`, and the work is
-queued with `execute_async_v3` on our CUDA stream. Batches larger than the engine's profile
-are split, smaller ones padded up to its minimum. Engine files hold executable GPU code: load
-only engines you built (their metadata JSON sits next to them).
+polygraphy deserializes the engine (`EngineFromPath`, which also allows the lean runtime of
+version-compatible plans), creates the execution context, sets input shapes and owns the
+device buffers and the CUDA stream. What stays here is what `sdr-client infer` needs on top:
+the engine's metadata JSON (input spec, label names), and batches split to the engine's
+profile (larger ones in chunks, smaller ones padded up to its minimum). Engine files hold
+executable GPU code: load only engines you built (their metadata JSON sits next to them).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from sdr_edge.artifacts.model_metadata import (
     read_sidecar,
 )
 from sdr_edge.inference.base import iter_chunks
-from sdr_edge.inference.cuda_device import DeviceMemory, device_memory, require_tensorrt_and_gpu
+from sdr_edge.inference.cuda_device import quiet_polygraphy, require_tensorrt_and_gpu
 from sdr_edge.inference.model_file import ModelFileError
 
 
@@ -38,57 +40,40 @@ class TrtRunner:
         except MetadataError as exc:
             raise MetadataError(f"{exc}; engines built by `sdr-export trt` have their input "
                                 "spec and label names in that file") from exc
+        from polygraphy.backend.trt import EngineFromPath
+        from polygraphy.backend.trt import TrtRunner as PolygraphyTrtRunner
+        from polygraphy.exception import PolygraphyException
+
+        quiet_polygraphy()
         self.trt = trt
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.trt_runtime = trt.Runtime(self.logger)
-        if self.doc.get("version_compatible"):
-            # Version-compatible plans embed a lean runtime (host code) that must be allowed.
-            self.trt_runtime.engine_host_code_allowed = True
-        self.engine = self.trt_runtime.deserialize_cuda_engine(self.path.read_bytes())
-        if self.engine is None:
+        try:
+            engine = EngineFromPath(str(self.path))()
+        except PolygraphyException as exc:
             built = self.doc.get("tensorrt_version", "?"), self.doc.get("gpu", {}).get("name", "?")
             raise ModelFileError(
                 f"TensorRT {trt.__version__} could not deserialize {self.path} (built with "
-                f"TensorRT {built[0]} on {built[1]}); rebuild it on this device with "
-                "`sdr-export trt`"
-            )
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+                f"TensorRT {built[0]} on {built[1]}): {str(exc).splitlines()[0]}; rebuild it on "
+                "this device with `sdr-export trt`"
+            ) from exc
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in inputs]
         if len(inputs) != 1 or len(outputs) != 1:
             raise ModelFileError(f"{self.path}: expected one input and one output, got {names}")
         self.input_name, self.output_name = inputs[0], outputs[0]
-        lo, _, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
+        lo, _, hi = engine.get_tensor_profile_shape(self.input_name, 0)
         self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
-        self.input_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
-        self.output_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
-        self.memory: DeviceMemory = device_memory()
-        self._buffers: dict[str, tuple[int, int]] = {}  # name -> (ptr, capacity in bytes)
-
-    def _buffer(self, name: str, nbytes: int) -> int:
-        ptr, capacity = self._buffers.get(name, (0, 0))
-        if nbytes > capacity:
-            ptr = self.memory.alloc(nbytes)
-            self._buffers[name] = (ptr, nbytes)
-        return ptr
+        self.input_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self.input_name)))
+        self.engine = engine
+        self.runner = PolygraphyTrtRunner(engine, name=f"tensorrt:{self.path.name}")
+        self.runner.activate()
 
     def run_batch(self, x: np.ndarray) -> np.ndarray:
         """One engine execution for min_batch <= len(x) <= max_batch."""
         x = np.ascontiguousarray(x, dtype=self.input_dtype)
-        if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
-            raise ValueError(f"engine {self.path.name} does not accept input shape {x.shape}")
-        out_shape = tuple(int(d) for d in self.context.get_tensor_shape(self.output_name))
-        out = np.empty(out_shape, dtype=self.output_dtype)
-        in_ptr = self._buffer(self.input_name, x.nbytes)
-        out_ptr = self._buffer(self.output_name, out.nbytes)
-        self.memory.h2d(in_ptr, x)
-        self.context.set_tensor_address(self.input_name, in_ptr)
-        self.context.set_tensor_address(self.output_name, out_ptr)
-        if not self.context.execute_async_v3(self.memory.stream):
-            raise RuntimeError(f"TensorRT execution failed for {self.path.name}")
-        self.memory.d2h(out, out_ptr)
-        return out.astype(np.float32, copy=False)
+        out = self.runner.infer({self.input_name: x})[self.output_name]
+        # polygraphy reuses its host output buffers between calls: copy.
+        return np.array(out, dtype=np.float32, copy=True)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         if x.shape[0] == 0:
@@ -104,7 +89,8 @@ class TrtRunner:
 
     def describe(self) -> str:
         return (f"TensorRT {self.trt.__version__} on {self.gpu.name}, batch "
-                f"{self.min_batch}..{self.max_batch} ({self.memory.name} buffers)")
+                f"{self.min_batch}..{self.max_batch} (polygraphy TrtRunner)")
 
     def close(self) -> None:
-        self.memory.close()
+        if self.runner.is_active:
+            self.runner.deactivate()

@@ -1,4 +1,6 @@
-"""`sdr-export trt`: the gate without TensorRT, and everything before the build, tested anywhere.
+"""`sdr-export trt`: the gate without TensorRT, everything before the build, and polygraphy's
+comparison (its ONNX Runtime runner against our session, tolerances per precision, the report),
+tested anywhere.
 
 The engine build itself needs TensorRT and an NVIDIA GPU; that test skips with the reason.
 """
@@ -10,20 +12,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_export import trained_digits
+from fixtures_export import trained_digits, write_digit_pngs
 
 from sdr_edge.artifacts.atomic import sha256_file
 from sdr_edge.artifacts.model_metadata import ModelMetadata, engine_metadata_path, read_sidecar
+from sdr_edge.data.preprocess import normalize_batch
 from sdr_edge.data.sources import load_source
+from sdr_edge.export.engine_compare import (
+    TOLERANCES,
+    Batches,
+    CompareError,
+    compare_runners,
+    comparison_inputs,
+    make_batches,
+    reference_runner,
+)
 from sdr_edge.export.onnx_export import attach_metadata
 from sdr_edge.export.parity import ParityError, raise_on_failure
 from sdr_edge.export.pipeline import ExportOptions, export_model
-from sdr_edge.export.quantize import quantize_int8
+from sdr_edge.export.quantize import convert_fp16, quantize_int8
 from sdr_edge.export.tensorrt_build import (
     BuildOptions,
     EngineBuildError,
     check_tensorrt_compatible,
-    engine_checks,
     engine_metadata,
     prepare_build,
     profile_shapes,
@@ -46,7 +57,7 @@ SKIP_REASON = missing_message("building an engine", None if HAVE_TRT else _TRT_E
 
 @pytest.fixture(scope="module")
 def onnx_models(tmp_path_factory):
-    """An fp32 export, and int8 versions quantized for the CPU and for TensorRT."""
+    """An fp32 export, an fp16 conversion, int8 versions quantized for the CPU and for TensorRT."""
     root = tmp_path_factory.mktemp("trt")
     model, spec, _ = trained_digits()
     fp32 = root / "fp32.onnx"
@@ -54,10 +65,11 @@ def onnx_models(tmp_path_factory):
                           ExportOptions(eval_source="builtin:digits", eval_limit=100,
                                         progress=False))
     calib = load_source("builtin:digits", spec.image_size, 1, limit=64).images
-    from sdr_edge.data.preprocess import normalize_batch
-
     x = normalize_batch(calib, spec)
-    out = {"fp32": fp32, "meta": result.metadata}
+    out = {"fp32": fp32, "meta": result.metadata, "spec": spec}
+    fp16_meta = ModelMetadata.from_dict({**result.metadata.to_dict(), "precision": "fp16"})
+    out["fp16"] = attach_metadata(convert_fp16(fp32, root / "raw_fp16.onnx"),
+                                  root / "fp16.onnx", fp16_meta)
     for target in ("cpu", "tensorrt"):
         raw = root / f"raw_{target}.onnx"
         quantize_int8(fp32, raw, x, "input", target=target, workdir=root)
@@ -136,7 +148,8 @@ def test_option_checks_need_no_tensorrt(onnx_models, tmp_path):
     assert shapes.max[0] == 16 and info.precision == "fp32"
     for kw, message in [({"hardware_compat": "turing+"}, "unknown --hardware-compat"),
                         ({"workspace_mb": 0}, "--workspace-mb must be >= 1"),
-                        ({"sample_inputs": 0}, "at least one sample input")]:
+                        ({"sample_inputs": 0}, "at least one sample input"),
+                        ({"compare_images": tmp_path / "none"}, "is not a folder")]:
         with pytest.raises(EngineBuildError, match=message):
             validate_options(_opts(fp32, **kw))
     with pytest.raises(EngineBuildError, match="would overwrite an ONNX file"):
@@ -174,20 +187,148 @@ def test_engine_metadata_round_trips(onnx_models, tmp_path):
     assert back["build_seconds"] == 12.346
 
 
-def test_engine_checks_use_the_precision_tolerance():
-    rng = np.random.default_rng(0)
-    ref = rng.normal(0, 5, (64, 10)).astype(np.float32)
-    ok = engine_checks("fp16", "logits", ref, ref + 0.01)
-    assert ok[0].passed and "bound 0.01 x max(1" in ok[0].detail
-    bad = engine_checks("fp32", "logits", ref, ref + 1.0)
-    with pytest.raises(ParityError, match=r"TensorRT fp32 vs ONNX Runtime: max \|diff\| = 1"):
-        raise_on_failure("TensorRT fp32 engine", bad)
-    flipped = ref.copy()
-    flipped[:2] = -flipped[:2]  # two of 64 decisions change: 96.9% < 99%
-    check = engine_checks("int8", "logits", ref, flipped)[0]
-    assert not check.passed and "2 differ" in check.detail
-    feats = engine_checks("int8", "features", ref, ref * 1.5)[0]
-    assert feats.passed and feats.value == pytest.approx(1.0)
+def _ort(path: Path):
+    """polygraphy's own ONNX Runtime runner: the CPU stand-in for the engine."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]),
+                        name=f"polygraphy-ort:{path.stem}")
+
+
+def _ours(path: Path):
+    from sdr_edge.inference.runners import OrtRunner
+
+    return reference_runner(OrtRunner(path).session, name=f"ours:{path.stem}")
+
+
+@pytest.fixture(scope="module")
+def digit_batches(onnx_models, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("compare_imgs")
+    write_digit_pngs(folder, 40, start=900)
+    x, where = comparison_inputs(onnx_models["spec"], 36, 0, folder)
+    assert x.shape == (36, 1, 16, 16) and where.startswith("36 image(s) from")
+    return make_batches(x, 1, 16)
+
+
+def test_batches_cover_the_profile_and_pad_only_below_its_minimum():
+    x = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+    b = make_batches(x, 2, 4)
+    assert [a.shape[0] for a in b.arrays] == [4, 3, 2] and b.valid == [4, 3, 2]
+    b = make_batches(x, 4, 4)  # fixed batch 4: the last chunk padded with its last row
+    assert [a.shape[0] for a in b.arrays] == [4, 4] and b.valid == [4, 3] and b.count == 7
+    np.testing.assert_array_equal(b.arrays[1][3], x[6])
+    with pytest.raises(CompareError, match="at least one input"):
+        make_batches(x[:0], 1, 4)
+
+
+def test_comparison_inputs_from_images_or_noise(onnx_models, tmp_path):
+    spec = onnx_models["spec"]
+    x, where = comparison_inputs(spec, 5, 3)
+    assert x.shape == (5, 1, 16, 16) and x.dtype == np.float32 and "standard normal" in where
+    np.testing.assert_array_equal(x, comparison_inputs(spec, 5, 3)[0])  # seeded
+    with pytest.raises(CompareError, match="--compare-images: image folder not found"):
+        comparison_inputs(spec, 5, 0, tmp_path / "nope")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(CompareError, match="no readable image"):
+        comparison_inputs(spec, 5, 0, tmp_path / "junk")
+
+
+@pytest.mark.parametrize("which", ["fp32", "fp16", "int8_tensorrt"])
+def test_polygraphy_ort_runner_matches_our_session(onnx_models, digit_batches, which):
+    """The production pairing (candidate vs our session on the same ONNX), engine replaced by
+    polygraphy's ONNX Runtime runner: same kernels, so every precision passes with ~0 error."""
+    path = onnx_models[which]
+    precision = which.split("_")[0]
+    result = compare_runners(_ort(path), _ours(path), digit_batches, "input", precision,
+                             "logits", "polygraphy ORT")
+    assert result.passed, [c.describe() for c in result.checks]
+    stats = result.report["outputs"]["logits"]
+    assert stats["max_absdiff"] <= 1e-5 and stats["iterations"] == 4  # 16 + 16 + 4 + 1
+    assert stats["iterations_passed"] == 4 and result.report["inputs"] == 37
+    if precision == "int8":
+        assert "top-1 agreement 100.00% on 37 inputs" in result.checks[-1].detail
+
+
+def test_tolerances_are_per_precision(onnx_models, digit_batches):
+    """fp16 and int8 ONNX against the fp32 session: each within its own precision's bounds,
+    int8 outside fp16's and fp32's; the failing checks name the numbers."""
+    ref = onnx_models["fp32"]
+    fp16 = compare_runners(_ort(onnx_models["fp16"]), _ours(ref), digit_batches,
+                           "input", "fp16", "logits", "fp16 ONNX")
+    assert fp16.passed, [c.describe() for c in fp16.checks]
+    err = fp16.report["outputs"]["logits"]["max_absdiff"]
+    scale = fp16.report["tolerance"]["reference_scale"]
+    assert 0 < err < TOLERANCES["fp16"].tol * scale  # fp16 rounding is there, and bounded
+    int8 = compare_runners(_ort(onnx_models["int8_tensorrt"]), _ours(ref), digit_batches,
+                           "input", "int8", "logits", "int8 ONNX")
+    assert int8.passed, [c.describe() for c in int8.checks]
+    assert [c.name for c in int8.checks] == [
+        "int8 ONNX int8 vs ONNX Runtime (logits, polygraphy mean error)",
+        "int8 ONNX int8 vs ONNX Runtime"]
+    for precision in ("fp16", "fp32"):
+        strict = compare_runners(_ort(onnx_models["int8_tensorrt"]), _ours(ref), digit_batches,
+                                 "input", precision, "logits", "int8 ONNX")
+        assert not strict.passed and len(strict.checks) == 1
+        with pytest.raises(ParityError, match=rf"int8 ONNX {precision} vs ONNX Runtime \(logits, "
+                                              r"polygraphy max error\): max \|diff\| = "):
+            raise_on_failure("int8 ONNX", strict.checks)
+    with pytest.raises(CompareError, match="unknown precision 'bf16'"):
+        compare_runners(_ort(ref), _ours(ref), digit_batches, "input", "bf16", "logits", "x")
+
+
+def test_int8_also_checks_decisions(onnx_models):
+    """int8 adds top-1 agreement to polygraphy's error bound: 4 of 8 decisions changed fail it,
+    and the check says how many."""
+    from polygraphy.backend.base import BaseRunner
+
+    inner = _ours(onnx_models["fp32"])
+
+    class Flipped(BaseRunner):
+        """Our session's logits, negated for the first 4 inputs of each batch."""
+
+        def activate_impl(self):
+            inner.activate()
+
+        def get_input_metadata_impl(self):
+            return inner.get_input_metadata(use_numpy_dtypes=False)
+
+        def infer_impl(self, feed_dict):
+            logits = inner.infer(feed_dict)["logits"].copy()
+            logits[:4] = -logits[:4]
+            self.inference_time = inner.last_inference_time()
+            return {"logits": logits}
+
+        def deactivate_impl(self):
+            inner.deactivate()
+
+    x = np.random.default_rng(0).standard_normal((8, 1, 16, 16)).astype(np.float32)
+    result = compare_runners(Flipped(name="flipped"), _ours(onnx_models["fp32"]),
+                             Batches([x], [8]), "input", "int8", "logits", "x")
+    agreement = result.checks[-1]
+    assert agreement.name == "x int8 vs ONNX Runtime" and not agreement.passed
+    assert "4 differ" in agreement.detail and not result.report["passed"]
+
+
+def test_comparison_report_goes_into_the_engine_metadata(onnx_models, digit_batches, tmp_path):
+    path = onnx_models["fp32"]
+    result = compare_runners(_ort(path), _ours(path), digit_batches, "input", "fp32", "logits",
+                             "polygraphy ORT")
+    opts = _opts(path)
+    info, shapes = prepare_build(opts)
+    gpu = {"name": "test GPU", "compute_capability": [8, 7], "probe": "test"}
+    doc = engine_metadata(info, shapes, opts, sha256_file(path), "10.9.0", gpu,
+                          checks=[c.to_dict() for c in result.checks],
+                          comparison=result.report)
+    back = json.loads(json.dumps(doc))  # plain JSON: polygraphy's stats are floats
+    report = back["comparison"]
+    assert report["tool"] == "polygraphy" and report["passed"] is True
+    assert report["tolerance"]["check_error_stat"] == "max"
+    assert report["tolerance"]["atol"] == pytest.approx(1e-3 * report["tolerance"]
+                                                        ["reference_scale"])
+    assert report["runners"] == {"candidate": "polygraphy-ort:fp32", "reference": "ours:fp32"}
+    assert report["batches"] == [16, 16, 4, 1] and back["builder"].startswith("polygraphy ")
+    assert back["checks"][0]["passed"] is True
 
 
 @pytest.mark.gpu
@@ -206,6 +347,8 @@ def test_build_run_and_compare_an_engine(onnx_models, tmp_path, capsys, which):
     assert out.read_bytes()[:4] == b"ftrt" and cache.stat().st_size > 0
     meta, doc = read_sidecar(engine_metadata_path(out))
     assert doc["checks"] and all(c["passed"] for c in doc["checks"])
+    assert doc["comparison"]["tool"] == "polygraphy" and doc["comparison"]["passed"]
+    assert not list(tmp_path.glob("*.lock")) and not list(tmp_path.glob(".*.engine.*"))
     x = np.random.default_rng(1).standard_normal((70, 1, 16, 16)).astype(np.float32)
     runner = TrtRunner(out)
     got, ref = runner.run(x), OrtRunner(onnx_models[which]).run(x)
