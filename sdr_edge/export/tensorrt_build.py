@@ -274,8 +274,6 @@ def check_engine_output(out: Path) -> None:
 # --- needs TensorRT and a GPU from here on -----------------------------------------------
 
 
-
-
 def _polygraphy_version() -> str:
     import polygraphy
 
@@ -283,7 +281,7 @@ def _polygraphy_version() -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    """polygraphy's errors carry its log; the first line says what failed."""
+    """polygraphy's errors carry its log; the first few lines say what failed."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return "; ".join(lines[:3]) or type(exc).__name__
 
