@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -42,9 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "run never distils)")
     parser.add_argument("--task-limit", type=int, metavar="N",
                         help="images per downstream task (default: the budget's; 0: all)")
+    parser.add_argument("--recipes", metavar="LIST",
+                        help="instead of the claim, compare SDR recipes on one teacher per seed "
+                             "(comma-separated; join recipes with '+'; base always runs): "
+                             "base, kd0, kd0.9, experts, lr0.2, coarse4, deep2, shallow-coarse. "
+                             "Writes OUT/recipes.json and OUT/recipes.md")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.recipes:
+        return _run_recipes(args)
     from sdr_edge.bench.paper_claim import run as run_bench
 
     summary = run_bench(args.budget, args.out, args.seed, task_limit=args.task_limit,
@@ -56,4 +64,18 @@ def run(args: argparse.Namespace) -> int:
     brief = {k: x for k, x in v.items() if k != "claims"}
     brief["claims"] = {name: c["holds"] for name, c in v["claims"].items()}
     print(json.dumps(brief, indent=2))
+    return 0
+
+
+def _run_recipes(args: argparse.Namespace) -> int:
+    from sdr_edge.bench.recipes import run as run_recipes
+
+    if args.kd_weight is not None:
+        print("sdr-server bench: --kd-weight does not apply to --recipes (use kd0 or kd0.9)",
+              file=sys.stderr)
+        return 2
+    run_recipes(args.budget, args.out, args.recipes, args.seed, args.seeds,
+                task_limit=args.task_limit, pool=args.pool, task_set=args.task_set,
+                random_routes=args.random_routes, pool_limit=args.pool_limit)
+    print((args.out / "recipes.md").read_text())
     return 0

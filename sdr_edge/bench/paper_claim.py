@@ -466,19 +466,12 @@ def _domains():
     return domains
 
 
-def run(budget_name: str, out: str | Path, seed: int = 0, argv: list[str] | None = None,
-        task_limit: int | None = None, kd_weight: float | None = None, seeds: int = 1,
-        pool: str | None = None, task_set: str | None = None,
-        random_routes: int | None = None, pool_limit: int | None = None) -> dict:
-    """The whole benchmark over seeds `seed, …, seed + seeds − 1` (each re-runs pre-training
-    and the task splits). `task_limit` overrides the budget's images per task (0: all),
-    `kd_weight` the SDR runs' SiamKD weight, `pool`/`pool_limit` (0: all)/`task_set`/
-    `random_routes` the budget's. Task set "domains" pre-trains on the mixed pool of
-    sdr_edge.bench.domains unless `pool` says otherwise."""
+def resolve_budget(budget_name: str, *, task_limit: int | None = None, pool: str | None = None,
+                   task_set: str | None = None, pool_limit: int | None = None,
+                   random_routes: int | None = None) -> Budget:
+    """The named budget with the command's overrides, checked before any pre-training."""
     if budget_name not in BUDGETS:
         raise BenchError(f"unknown budget {budget_name!r} ({', '.join(BUDGETS)})")
-    if seeds < 1:
-        raise BenchError(f"--seeds must be at least 1, got {seeds}")
     for flag, value in (("--task-limit", task_limit), ("--pool-limit", pool_limit)):
         if value is not None and value < 0:
             raise BenchError(f"{flag} must be >= 0 (0: all images), got {value}")
@@ -501,6 +494,23 @@ def run(budget_name: str, out: str | Path, seed: int = 0, argv: list[str] | None
     sources = [budget.pool] + [t.source for t in task_list]
     if any("glyphs:" in src for src in sources):  # missing fonts: one line, before training
         _domains().check_fonts(sources)
+    return budget
+
+
+def run(budget_name: str, out: str | Path, seed: int = 0, argv: list[str] | None = None,
+        task_limit: int | None = None, kd_weight: float | None = None, seeds: int = 1,
+        pool: str | None = None, task_set: str | None = None,
+        random_routes: int | None = None, pool_limit: int | None = None) -> dict:
+    """The whole benchmark over seeds `seed, …, seed + seeds − 1` (each re-runs pre-training
+    and the task splits). `task_limit` overrides the budget's images per task (0: all),
+    `kd_weight` the SDR runs' SiamKD weight, `pool`/`pool_limit` (0: all)/`task_set`/
+    `random_routes` the budget's. Task set "domains" pre-trains on the mixed pool of
+    sdr_edge.bench.domains unless `pool` says otherwise."""
+    if seeds < 1:
+        raise BenchError(f"--seeds must be at least 1, got {seeds}")
+    budget = resolve_budget(budget_name, task_limit=task_limit, pool=pool, task_set=task_set,
+                            pool_limit=pool_limit, random_routes=random_routes)
+    task_list = tasks(budget)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
