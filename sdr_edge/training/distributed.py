@@ -246,17 +246,26 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
+def uses_sync_batchnorm(env: DistEnv, requested: bool) -> bool:
+    """[gpu] sync_batchnorm takes effect under DDP on an accelerator only (one process has
+    nothing to synchronise; torch's SyncBatchNorm does not run on CPU tensors)."""
+    return requested and env.distributed and env.device.type != "cpu"
+
+
 def prepare_model(model: nn.Module, env: DistEnv, *, find_unused: bool,
                   sync_batchnorm: bool = False, channels_last: bool = False,
-                  compile_model: bool = False) -> nn.Module:
+                  compile_model: bool = False, compile_backend: str = "inductor") -> nn.Module:
     """The module a phase trains through: `model` itself changed in place (SyncBatchNorm under
     DDP, channels-last weights), wrapped in DDP when distributed, then torch.compile'd when
-    asked (compiling the DDP wrapper lets DDPOptimizer split graphs at bucket boundaries).
+    asked (compiling the DDP wrapper lets DDPOptimizer split graphs at bucket boundaries;
+    `compile_backend` other than inductor is for tests: inductor's first compile of even a tiny
+    model took 430 s on the loaded 2-core CI machine).
 
     SyncBatchNorm is skipped in routed stages: a rank whose batch has no image of an expert
-    never calls that expert's layers, and its peers would wait in the all-reduce forever.
+    never calls that expert's layers, and its peers would wait in the all-reduce forever. It
+    needs an accelerator (torch's SyncBatchNorm refuses CPU tensors), so CPU runs keep BN.
     """
-    if sync_batchnorm and env.distributed:
+    if uses_sync_batchnorm(env, sync_batchnorm):
         from sdr_edge.models.sdrnet import RoutedStage
 
         convert_sync_batchnorm(model, skip=(RoutedStage,))
@@ -269,5 +278,5 @@ def prepare_model(model: nn.Module, env: DistEnv, *, find_unused: bool,
         ids = [env.device.index] if env.device.type == "cuda" else None
         wrapped = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
     if compile_model:
-        wrapped = torch.compile(wrapped)
+        wrapped = torch.compile(wrapped, backend=compile_backend)
     return wrapped

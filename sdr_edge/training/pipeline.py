@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from sdr_edge.artifacts import run_dir as rd
 from sdr_edge.artifacts.atomic import atomic_write_text, sha256_file
@@ -53,6 +52,7 @@ from sdr_edge.training.config import ConfigError, TrainConfig, dump_config, pars
 from sdr_edge.training.epochs import EpochPlan, embed, knn_monitor, train_epoch
 from sdr_edge.training.metrics import MetricsLog
 from sdr_edge.training.siamese import FrozenTeacher, SiameseNet, make_optimizer, scaled_lr
+from sdr_edge.training.tracking import RunTracker
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ class Trainer:
         self.kind = "unified" if unified else "sdr"
         self.env = env or dd.DistEnv()
         self.metrics = MetricsLog(self.run_dir, enabled=self.env.is_main)
+        self.tracker = RunTracker(self.run_dir, cfg, enabled=self.env.is_main)
         self.order = phase_order(len(cfg.routing.branching), unified)
         self.identity = json.loads(json.dumps({"kind": self.kind, "config": run_identity(cfg)}))
         self.ckpt: Checkpoint | None = None
@@ -300,10 +301,11 @@ class Trainer:
     # ----- generic phase ------------------------------------------------------------------
 
     def _wrap(self, model: nn.Module, find_unused: bool) -> nn.Module:
-        if not self.env.distributed:
-            return model
-        ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+        """What a phase trains through: [gpu] options applied, DDP when distributed."""
+        g = self.cfg.gpu
+        return dd.prepare_model(model, self.env, find_unused=find_unused,
+                                sync_batchnorm=g.sync_batchnorm, channels_last=g.channels_last,
+                                compile_model=g.compile)
 
     def _knn(self, model: SiameseNet, codes: torch.Tensor | None) -> float | None:
         if not self.env.is_main:
@@ -325,17 +327,21 @@ class Trainer:
         plan = self._plan(phase_id)
         base_lr = scaled_lr(self.cfg.ssl, self.global_batch)
         every = self.cfg.train.knn_every
+        track = self.tracker.phase(phase)
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
             stats = train_epoch(wrapped, opt, plan, epoch, epochs, base_lr, self.env, codes=codes,
                                 teacher=teacher, kd_weight=self.cfg.ssl.kd_weight,
-                                amp=self.cfg.train.amp, desc=f"{phase} {epoch + 1}/{epochs}")
+                                amp=self.cfg.train.amp, desc=f"{phase} {epoch + 1}/{epochs}",
+                                channels_last=self.cfg.gpu.channels_last, on_step=track.step)
             knn = None
             if every and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
                 knn = self._knn(model, codes)
             seconds = time.perf_counter() - t0
             self.metrics.epoch(phase, epoch + 1, stats["loss"], knn, seconds,
-                               images_per_s=stats["images_per_s"], steps=stats["steps"])
+                               images_per_s=stats["images_per_s"], steps=stats["steps"],
+                               **{k: stats[k] for k in ("data_wait", "collapse_std") if k in stats})
+            track.epoch(epoch + 1, stats, knn)
             if self.env.is_main:
                 knn_text = "" if knn is None else f", kNN acc {knn:.3f}"
                 log.info("%s epoch %d/%d: loss %.4f%s (%.1f s, %.0f img/s)", phase, epoch + 1,
@@ -372,6 +378,7 @@ class Trainer:
         start = self._restore(phase, model, opt)
         self._train_phase(phase, 0 if not self.unified else 100, model,
                           self._wrap(model, find_unused=False), opt, epochs, start)
+        dd.revert_sync_batchnorm(model)
         backbone = model.encoder.cpu()
         heads = model.heads.cpu()
         if self.env.is_main:
@@ -459,6 +466,7 @@ class Trainer:
             start = self._restore(phase, model, opt)
             self._train_phase(phase, r + 1, model, wrapped, opt, self.cfg.schedule.level_epochs[r],
                               start, codes=codes, teacher=frozen)
+        dd.revert_sync_batchnorm(model)
         net = model.encoder.cpu()
         if self.env.is_main:
             self._wrote(rd.save_sdrnet(self.run_dir, net, self.spec))
@@ -565,6 +573,7 @@ class Trainer:
             net = self._levels(teacher, heads, codes)
             self._kit(codes)
             del net
+        self.tracker.close()
         self._report()
         if self.env.is_main:
             info = {"kind": self.kind, "source": self.cfg.data.source,

@@ -79,3 +79,12 @@ def set_cosine_lr(opt: torch.optim.Optimizer, base_lr: float, step: int, total_s
     for group in opt.param_groups:
         group["lr"] = base_lr if group.get("fix_lr") else lr
     return lr
+
+
+@torch.no_grad()
+def output_std(z: torch.Tensor) -> torch.Tensor:
+    """SimSiam's collapse monitor (Chen & He 2021, Fig. 2): the std over the batch of each
+    dimension of the L2-normalised outputs, averaged over dimensions. About 1/sqrt(d) when the
+    outputs spread over the sphere, 0 when they collapse to one vector. A 0-d tensor (no host
+    synchronisation: the caller reads it once per epoch)."""
+    return torch.nn.functional.normalize(z.detach().float(), dim=1).std(dim=0).mean()
