@@ -40,6 +40,7 @@ EXTRA_OF = {
     "onnxscript": "export",
     "onnxconverter_common": "export",
     "torch_pruning": "export",
+    "polygraphy": "export",
     "scipy": "server",
     "faiss": "server",
     "matplotlib": "server",

@@ -12,7 +12,6 @@ and scoring on its images.
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
@@ -21,10 +20,10 @@ from safetensors.torch import save
 
 from sdr_edge.artifacts.run_dir import KIT_DIR, load_sdrnet
 from sdr_edge.data.sources import load_source
-from sdr_edge.routing.evaluate import split_task
+from sdr_edge.routing.evaluate import random_control_routes, split_task
 from sdr_edge.routing.kit_runtime import KitRunner, compute_signature
 from sdr_edge.routing.probe import extract_features, linear_probe_accuracy
-from sdr_edge.routing.signature import Route, all_routes, score_routes
+from sdr_edge.routing.signature import Route, score_routes
 from sdr_edge.routing.transferability import score_features
 
 OPTIONS = ("signature", "rankme", "logme", "knn")
@@ -53,16 +52,16 @@ def evaluate_rerank(run_dir: str | Path, task_source: str, *, top_m: int = 8,
     signature_seconds = time.perf_counter() - t0
     scored = [route for route, _ in score_routes(sig)]
     candidates = scored[:top_m]
-    rng = random.Random(seed)
-    others = [r for r in all_routes(net.branching) if r not in candidates]
-    randoms = rng.sample(others, min(random_routes, len(others)))
+    # The bench's control: uniform over every route but the routed one (top-M ones included),
+    # so routed − random means the same here as in `sdr-server bench`.
+    randoms = random_control_routes(net.branching, candidates[0], random_routes, seed)
     labelled = few_labels(y_tr, labels_per_class, seed)
 
     probe: dict[Route, float] = {}
     option_scores: dict[str, dict[Route, float]] = {m: {} for m in OPTIONS[1:]}
     seconds = {m: 0.0 for m in OPTIONS[1:]}
     bundle_bytes = []
-    for route in candidates + randoms:
+    for route in dict.fromkeys(candidates + randoms):
         backbone = net.extract(route).eval()
         t0 = time.perf_counter()
         f_tr = extract_features(backbone, x_tr, spec, batch_size)
