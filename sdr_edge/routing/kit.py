@@ -157,12 +157,31 @@ def train_signature_kit(images: np.ndarray | ImagePool, codes: np.ndarray,
                         run_id: str | None = None, workers: int = 0) -> dict:
     """Distil the teacher's codes into a small kit network; write kit files; return metrics.
 
+    images, codes and the training options: see `fit_signature_kit`.
+    run_id: the run's identity (default: that of the run dir holding out_dir, see write_kit).
+    """
+    net, metrics = fit_signature_kit(images, codes, branching, spec, epochs=epochs, seed=seed,
+                                     device=device, batch_size=batch_size, lr=lr,
+                                     holdout_fraction=holdout_fraction, widths=widths,
+                                     progress=progress, workers=workers)
+    write_kit(net, spec, out_dir, metrics, run_id=run_id)
+    log.info("signature kit: %s", json.dumps(metrics))
+    return metrics
+
+
+def fit_signature_kit(images: np.ndarray | ImagePool, codes: np.ndarray,
+                      branching: Sequence[int], spec: InputSpec, *, epochs: int, seed: int,
+                      device: str = "cpu", batch_size: int = 256, lr: float = 3e-3,
+                      holdout_fraction: float = 0.1, widths: Sequence[int] = DEFAULT_WIDTHS,
+                      progress: bool = True, workers: int = 0
+                      ) -> tuple[SignatureKitNet, dict]:
+    """The trained kit network (CPU, eval mode) and its metrics; nothing is written.
+
     images: an image pool (`sdr_edge.data.pool`) or an N x H x W x C uint8 array at the
     spec's size; codes: N x R digits (the run's codes), indexed like the pool. Each step reads
     only its batch from the pool (`workers` DataLoader processes decode ahead), so memory does
     not grow with N; for an in-memory pool the weights are those of normalising the whole
     pool first (same batches, same order, same arithmetic; test_kit_streamed.py).
-    run_id: the run's identity (default: that of the run dir holding out_dir, see write_kit).
     """
     pool = _as_pool(images)
     codes = np.asarray(codes, dtype=np.int64)
@@ -217,9 +236,7 @@ def train_signature_kit(images: np.ndarray | ImagePool, codes: np.ndarray,
         metrics.update(agreement(pred, codes[hold_idx]))
     net = net.cpu().eval()
     metrics["kit_train_seconds"] = round(time.perf_counter() - start_time, 3)
-    write_kit(net, spec, out_dir, metrics, run_id=run_id)
-    log.info("signature kit: %s", json.dumps(metrics))
-    return metrics
+    return net, metrics
 
 
 def _as_pool(images: np.ndarray | ImagePool) -> ImagePool:
