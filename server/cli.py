@@ -1,4 +1,4 @@
-"""`sdr-server`: train, shards, serve, keygen, token, route-eval, bench. Each sub-command lives in its own module."""
+"""`sdr-server`: train, report, shards, serve, keygen, token, route-eval, bench. Each sub-command lives in its own module."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ COMMANDS = {
     "token": f"{__package__}.token_cmd",
     "serve": f"{__package__}.serve_cmd",
     "route-eval": f"{__package__}.route_eval_cmd",
+    "report": f"{__package__}.report_cmd",
     "bench": f"{__package__}.bench_cmd",
     "fleet-keys": f"{__package__}.fleet_cmd",
     "shards": f"{__package__}.shards_cmd",

@@ -135,7 +135,8 @@ def run_files(run_dir: Path) -> list[Path]:
 
 
 def staging_leftovers(run_dir: str | Path) -> list[Path]:
-    """What a killed writer of this project leaves: `.kit.*` staging folders in the run dir and
+    """What a killed writer of this project leaves: `.kit.*` and `.report.*.staging` (sdr-server
+    report) staging folders in the run dir and
     temporary files (`.NAME.*.tmp` from atomic_write, any `report/*.tmp`). Symlinks are never
     listed, so cleaning cannot reach outside the run dir."""
     run_dir = Path(run_dir)
@@ -143,7 +144,8 @@ def staging_leftovers(run_dir: str | Path) -> list[Path]:
     for p in run_dir.glob(".*"):
         if p.is_symlink():
             continue
-        if (p.is_dir() and p.name.startswith(f".{KIT_DIR}.")) or (
+        if (p.is_dir() and (p.name.startswith(f".{KIT_DIR}.") or (
+                p.name.startswith(f".{REPORT_DIR}.") and p.name.endswith(".staging")))) or (
                 p.is_file() and p.name.endswith(TMP_SUFFIX)):
             found.append(p)
     for sub in (CHECKPOINT_DIR, REPORT_DIR, KIT_DIR):

@@ -7,9 +7,10 @@ from sdr_edge.report.plots import (
     plot_code_histograms,
     plot_knn,
     plot_losses,
+    plot_monitor,
     read_metrics,
 )
-from sdr_edge.report.training import make_training_report
+from sdr_edge.report.training import make_training_report, rebuild_training_report
 
 __all__ = [
     "Section",
@@ -20,8 +21,10 @@ __all__ = [
     "plot_code_histograms",
     "plot_knn",
     "plot_losses",
+    "plot_monitor",
     "read_metrics",
     "read_sections",
+    "rebuild_training_report",
     "update_index",
     "write_index",
 ]

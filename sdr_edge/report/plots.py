@@ -91,8 +91,9 @@ def phase_spans(metrics: Sequence[dict],
 
 def _plot_phases(series: dict[str, tuple[list[float], list[float]]],
                  spans: dict[str, tuple[float, float]], path: str | Path,
-                 ylabel: str, title: str) -> Path:
-    """Phases one after another on a shared epoch axis, each in its own colour."""
+                 ylabel: str, title: str, level: tuple[float, str] | None = None) -> Path:
+    """Phases one after another on a shared epoch axis, each in its own colour; `level`
+    (value, label) is a dotted horizontal reference."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for phase, (first, x0) in spans.items():
         if x0 > 1:
@@ -101,11 +102,14 @@ def _plot_phases(series: dict[str, tuple[list[float], list[float]]],
             epochs, values = series[phase]
             ax.plot([x0 + e - first for e in epochs], values, marker="o", markersize=3,
                     label=phase)
+    if level is not None:
+        ax.axhline(level[0], color="#c44e52", linestyle=":", linewidth=1, label=level[1])
+        ax.set_ylim(bottom=0.0)
     ax.set_xlabel("epoch (phases in training order)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(title="phase", fontsize=8)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -125,6 +129,28 @@ def plot_knn(metrics: Sequence[dict], path: str | Path) -> Path:
         raise ReportError("no metrics record has a knn_acc value: nothing to plot")
     return _plot_phases(series, phase_spans(metrics), path, "kNN accuracy",
                         "kNN monitor accuracy (labels used only for monitoring)")
+
+
+MONITORS = {
+    # metrics.jsonl key -> (file, y label, title); plotted when the run logged the key
+    "collapse_std": ("collapse.png", "std of L2-normalised z (mean over dims)",
+                     "collapse monitor (SimSiam Fig. 2): ~1/sqrt(d) healthy, 0 collapsed"),
+    "images_per_s": ("throughput.png", "images / s (all ranks)", "training throughput"),
+    "data_wait": ("data_wait.png", "fraction of the epoch",
+                  "time blocked waiting for the next batch"),
+}
+
+
+def plot_monitor(metrics: Sequence[dict], key: str, path: str | Path,
+                 reference: float | None = None) -> Path:
+    """One of MONITORS per phase on the shared epoch axis; `reference` draws a dotted level
+    (for the collapse monitor: 1/sqrt(d), the std of outputs spread over the sphere)."""
+    series = phase_series(metrics, key)
+    if not series:
+        raise ReportError(f"no metrics record has a {key} value: nothing to plot")
+    _, ylabel, title = MONITORS[key]
+    level = None if reference is None else (reference, f"1/sqrt(d) = {reference:.3f}")
+    return _plot_phases(series, phase_spans(metrics), path, ylabel, title, level)
 
 
 def plot_code_histograms(codes: np.ndarray, branching: Sequence[int],
