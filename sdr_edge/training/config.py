@@ -220,6 +220,11 @@ class TrainSection(_Section):
     amp: bool = False
     knn_every: int = Field(default=1, ge=0)
     knn_max: int = Field(default=20000, ge=1)
+    # Under torchrun: how long a collective waits for a missing rank before the run fails, and
+    # how long the other ranks wait (outside any collective) for rank 0's k-means and kit
+    # (sdr_edge.training.distributed.run_on_main).
+    collective_timeout_s: float = Field(default=1800.0, gt=0)
+    main_step_timeout_s: float = Field(default=86400.0, gt=0)
 
 
 class TrainConfig(_Section):

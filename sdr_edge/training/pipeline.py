@@ -49,7 +49,7 @@ from sdr_edge.training.checkpoint import (
     set_aside,
 )
 from sdr_edge.training.config import ConfigError, TrainConfig, dump_config, parse_config_text
-from sdr_edge.training.epochs import EpochPlan, embed, knn_monitor, train_epoch
+from sdr_edge.training.epochs import EpochPlan, iter_features, knn_monitor, train_epoch
 from sdr_edge.training.metrics import MetricsLog
 from sdr_edge.training.siamese import FrozenTeacher, SiameseNet, make_optimizer, scaled_lr
 from sdr_edge.training.tracking import RunTracker
@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 PHASE0, CLUSTER, KIT, DONE, UNIFIED = "phase0", "cluster", "kit", "done", "unified"
 MAX_LOGGED_SKIPS = 1000
+EMBEDDINGS = "embeddings.f16.npy"  # under RUN/work while the cluster phase runs
+EMBED_BATCH = 512
 
 
 class RunConflictError(SdrEdgeError, ValueError):
@@ -387,56 +389,76 @@ class Trainer:
         self._final_digest(model)
         return backbone, heads
 
-    def _embed_all(self, backbone: Backbone) -> torch.Tensor:
-        """L2-normalised teacher features of every image; ranks share the work."""
+    def _embed_all(self, backbone: Backbone) -> np.ndarray:
+        """L2-normalised teacher features of every image as float16 rows of a memory map,
+        RUN/work/embeddings.f16.npy (N x D x 2 bytes on disk, never all in RAM): each rank
+        embeds its share of the pool batch by batch and writes its own rows (the ranks share
+        the run dir's file system; see sdr_edge.clustering.embedding_store). Read-only map."""
+        from sdr_edge.clustering import embedding_store as es
+
+        pool = self.pool
+        path = self.run_dir / rd.WORK_DIR / EMBEDDINGS
         backbone = backbone.to(self.env.device).eval()
-        n, w = len(self.pool), self.env.world_size
-        mine = rank_share(n, self.env.rank, w)
-        feats = embed(lambda x, idx: backbone(x), self.pool, mine, self.spec, self.env.device,
-                      workers=self.cfg.data.workers)
-        if w > 1:
-            rows = -(-n // w)
-            padded = torch.zeros(rows, backbone.feature_dim)
-            padded[:len(mine)] = feats
-            feats = torch.stack(self.env.all_gather(padded), dim=1).reshape(rows * w, -1)[:n]
+        if self.env.is_main:
+            es.create(path, len(pool), backbone.feature_dim)
+        self.env.barrier()
+        rows = es.open_rows(path, "r+")
+        mine = rank_share(len(pool), self.env.rank, self.env.world_size)
+        def encode(x: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+            return torch.nn.functional.normalize(backbone(x).float(), dim=1)
+
+        for idx, feats in iter_features(encode, pool, mine, self.spec, self.env.device,
+                                        EMBED_BATCH, self.cfg.data.workers):
+            es.write_rows(rows, idx, feats.numpy())
+        rows.flush()
+        del rows
         backbone.cpu()
-        return torch.nn.functional.normalize(feats, dim=1)
+        self.env.barrier()  # every rank's rows are on disk
+        return es.open_rows(path, "r")
 
     def _cluster(self, teacher: Backbone) -> torch.Tensor:
+        """Codes of every image: residual k-means fitted on `[cluster] sample` training rows of
+        the embeddings memory map and assigned chunk by chunk, on rank 0 outside any collective
+        (`dd.run_on_main`), then broadcast."""
         levels = len(self.cfg.routing.branching)
+        n = len(self.pool)
         if self._past(CLUSTER):
             codes, _ = rd.load_codes(self.run_dir)
-            if codes.shape != (len(self.pool), levels):
+            if codes.shape != (n, levels):
                 raise RunConflictError(f"{self.run_dir}: codes.safetensors has shape "
-                                       f"{tuple(codes.shape)}, expected {(len(self.pool), levels)}")
+                                       f"{tuple(codes.shape)}, expected {(n, levels)}")
             return codes
-        from sdr_edge.clustering import assign_codes, fit_residual_kmeans
+        from sdr_edge.clustering.streamed import fit_sample_assign_chunks
 
         t0 = time.perf_counter()
         emb = self._embed_all(teacher)
-        codes = torch.zeros(len(self.pool), levels, dtype=torch.long)
-        if self.env.is_main:
-            x = emb.numpy().astype(np.float32)
-            result = fit_residual_kmeans(x[self.train_index], self.cfg.routing.branching,
-                                         iters=self.cfg.cluster.iters, seed=self.cfg.train.seed,
-                                         backend=self.cfg.cluster.backend,
-                                         sample=self.cfg.cluster.sample)
-            codes = torch.from_numpy(np.asarray(assign_codes(x, result.codebooks), dtype=np.int64))
-            codes[torch.from_numpy(self.train_index)] = torch.from_numpy(
-                np.asarray(result.codes, dtype=np.int64))
-            books = [torch.from_numpy(np.asarray(c, dtype=np.float32)) for c in result.codebooks]
-            recon = torch.zeros_like(emb)
-            for r, book in enumerate(books):
-                recon += book[codes[:, r]]
-            residual = float(((emb - recon) ** 2).sum(dim=1).mean())
+
+        def fit() -> torch.Tensor:
+            c = self.cfg.cluster
+            result = fit_sample_assign_chunks(emb, self.cfg.routing.branching,
+                                              rows=self.train_index, sample=c.sample,
+                                              iters=c.iters, seed=self.cfg.train.seed,
+                                              backend=c.backend, size_rows=self.train_index)
+            codes = torch.from_numpy(result.codes)
+            books = [torch.from_numpy(np.asarray(b, dtype=np.float32))
+                     for b in result.fit.codebooks]
             self._wrote(rd.save_codebooks(self.run_dir, books))
             self._wrote(rd.save_codes(self.run_dir, codes, self.cfg.data.source))
-            self.metrics.epoch(CLUSTER, 1, residual, None, time.perf_counter() - t0,
-                               backend=result.backend, sizes=[list(map(int, s)) for s in result.sizes])
-            log.info("clustered %d embeddings into K=%d cells with %s (residual %.4f, %.1f s)",
-                     len(self.train_index), self.cfg.num_subnets, result.backend, residual,
-                     time.perf_counter() - t0)
+            self.metrics.epoch(CLUSTER, 1, result.residual, None, time.perf_counter() - t0,
+                               backend=result.fit.backend, fit_rows=len(result.fit_rows),
+                               sizes=[list(map(int, s)) for s in result.sizes])
+            log.info("clustered %d embeddings (centroids fitted on %d) into K=%d cells with %s "
+                     "(residual %.4f, %.1f s)", n, len(result.fit_rows), self.cfg.num_subnets,
+                     result.fit.backend, result.residual, time.perf_counter() - t0)
+            return codes
+
+        marker = self.run_dir / rd.WORK_DIR / "cluster.done"
+        fitted = dd.run_on_main(self.env, fit, marker, what="clustering",
+                                timeout_s=self.cfg.train.main_step_timeout_s)
+        codes = fitted if fitted is not None else torch.zeros(n, levels, dtype=torch.long)
         self.env.broadcast(codes)
+        if self.env.is_main:  # scratch: the codes and codebooks are what the run keeps
+            (self.run_dir / rd.WORK_DIR / EMBEDDINGS).unlink(missing_ok=True)
         self._checkpoint(CLUSTER, 1)
         return codes
 
@@ -485,24 +507,27 @@ class Trainer:
             if self.env.is_main:
                 log.warning("sdr_edge.routing.kit is not installed: no signature kit in this run")
             self.metrics.event("kit_skipped", reason="sdr_edge.routing.kit not available")
-        elif self.env.is_main:
+        else:
             from sdr_edge.routing.kit import train_signature_kit
 
-            t0 = time.perf_counter()
-            images = self._images_array()
-            if images is None:  # streamed pool: the kit reads through the pool (issue 13, kit)
-                images = self.pool.read(np.arange(len(self.pool)))
-            result = train_signature_kit(images, codes.numpy(), self.cfg.routing.branching,
-                                         self.spec, self.run_dir / rd.KIT_DIR,
-                                         epochs=self.cfg.kit.epochs, seed=self.cfg.train.seed,
-                                         device=str(self.env.device))
-            extra = _json_safe(dict(result or {}))
-            loss = extra.pop("loss", None)
-            for key in ("phase", "epoch", "knn_acc", "time"):
-                extra.pop(key, None)
-            self.metrics.epoch(KIT, self.cfg.kit.epochs, loss, None, time.perf_counter() - t0,
-                               **extra)
-            log.info("signature kit: %s", json.dumps(extra, sort_keys=True))
+            def step() -> None:
+                t0 = time.perf_counter()
+                result = train_signature_kit(self.pool, codes.numpy(),
+                                             self.cfg.routing.branching, self.spec,
+                                             self.run_dir / rd.KIT_DIR,
+                                             epochs=self.cfg.kit.epochs, seed=self.cfg.train.seed,
+                                             device=str(self.env.device),
+                                             workers=self.cfg.data.workers)
+                extra = _json_safe(dict(result or {}))
+                loss = extra.pop("loss", None)
+                for key in ("phase", "epoch", "knn_acc", "time"):
+                    extra.pop(key, None)
+                self.metrics.epoch(KIT, self.cfg.kit.epochs, loss, None,
+                                   time.perf_counter() - t0, **extra)
+                log.info("signature kit: %s", json.dumps(extra, sort_keys=True))
+
+            dd.run_on_main(self.env, step, self.run_dir / rd.WORK_DIR / "kit.done",
+                           what="signature kit", timeout_s=self.cfg.train.main_step_timeout_s)
         self.env.barrier()
         self._checkpoint(KIT, 1)
 
@@ -598,7 +623,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, unified: bool = False,
     threads = torch.get_num_threads()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    env = dd.setup(cfg.train.device)
+    env = dd.setup(cfg.train.device, cfg.train.collective_timeout_s)
     try:
         return Trainer(cfg, run_dir, unified=unified, env=env, restart=restart).run()
     finally:
