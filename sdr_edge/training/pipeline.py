@@ -287,7 +287,8 @@ class Trainer:
     def _plan(self, phase_id: int) -> EpochPlan:
         d = self.cfg.data
         return EpochPlan(self.pool, self.train_index, self.spec, self.global_batch,
-                         self.cfg.train.seed, phase_id, self.cfg.augment.to_augment_config(),
+                         self.cfg.train.seed, phase_id,
+                         self.cfg.augment.to_augment_config(self.cfg.data.image_size),
                          workers=d.workers, pin_memory=d.pin_memory, prefetch=d.prefetch)
 
     @property
