@@ -51,6 +51,7 @@ KIT_JSON = "kit.json"
 INPUT_NAME = "images"
 OUTPUT_NAME = "probs"
 DEFAULT_WIDTHS = (32, 64, 128)
+DEFAULT_BATCH = 256
 
 
 def level_offsets(branching: Sequence[int]) -> list[int]:
@@ -151,7 +152,7 @@ def _export_onnx(net: SignatureKitNet, spec: InputSpec, path: Path) -> None:
 
 def train_signature_kit(images: np.ndarray | ImagePool, codes: np.ndarray,
                         branching: Sequence[int], spec: InputSpec, out_dir: str | Path, *,
-                        epochs: int, seed: int, device: str = "cpu", batch_size: int = 256,
+                        epochs: int, seed: int, device: str = "cpu", batch_size: int = DEFAULT_BATCH,
                         lr: float = 3e-3, holdout_fraction: float = 0.1,
                         widths: Sequence[int] = DEFAULT_WIDTHS, progress: bool = True,
                         run_id: str | None = None, workers: int = 0) -> dict:
@@ -171,7 +172,7 @@ def train_signature_kit(images: np.ndarray | ImagePool, codes: np.ndarray,
 
 def fit_signature_kit(images: np.ndarray | ImagePool, codes: np.ndarray,
                       branching: Sequence[int], spec: InputSpec, *, epochs: int, seed: int,
-                      device: str = "cpu", batch_size: int = 256, lr: float = 3e-3,
+                      device: str = "cpu", batch_size: int = DEFAULT_BATCH, lr: float = 3e-3,
                       holdout_fraction: float = 0.1, widths: Sequence[int] = DEFAULT_WIDTHS,
                       progress: bool = True, workers: int = 0
                       ) -> tuple[SignatureKitNet, dict]:
@@ -232,7 +233,8 @@ def fit_signature_kit(images: np.ndarray | ImagePool, codes: np.ndarray,
                      "loss": loss_value,
                      "kit_params": int(sum(p.numel() for p in net.parameters()))}
     if len(hold_idx):
-        pred = predict_pool(net, pool, hold_idx, spec, device=device, workers=workers)
+        pred = predict_pool(net, pool, hold_idx, spec, device=device, batch_size=batch_size,
+                            workers=workers)
         metrics.update(agreement(pred, codes[hold_idx]))
     net = net.cpu().eval()
     metrics["kit_train_seconds"] = round(time.perf_counter() - start_time, 3)

@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 PHASE0, CLUSTER, KIT, DONE, UNIFIED = "phase0", "cluster", "kit", "done", "unified"
 MAX_LOGGED_SKIPS = 1000
 EMBEDDINGS = "embeddings.f16.npy"  # under RUN/work while the cluster phase runs
-EMBED_BATCH = 512
+EMBED_BATCH = 256  # images per embedding batch (host RAM: see sdr_edge.training.estimate)
 
 
 class RunConflictError(SdrEdgeError, ValueError):

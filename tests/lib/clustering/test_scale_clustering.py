@@ -104,3 +104,5 @@ def test_memory_is_bounded_by_sample_and_chunk(tmp_path):
     assert len(out.fit_rows) == 3000 and out.codes.shape == (n, 2)
     # the codes themselves are N x R int64 (1.9 MB): what must grow with N
     assert peak < whole / 4, f"traced peak {peak} B vs whole float32 {whole} B"
+    # and within sdr_edge.training.estimate's clustering term (4 samples, 3 chunks, the codes)
+    assert peak <= 4 * 3000 * d * 4 + 3 * 2048 * d * 4 + n * 2 * 8
