@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sdr_edge.artifacts.run_dir import METRICS, REPORT_DIR
+from sdr_edge.artifacts.run_dir import METRICS, REPORT_DIR, verify_run_manifest
 from sdr_edge.report.html import Section, read_sections, update_index
 from sdr_edge.training.config import config_from_dict
 from sdr_edge.training.pipeline import train
@@ -66,6 +66,7 @@ def test_report_of_a_finished_run_redraws_training_and_keeps_other_sections(fini
     assert [r[0] for r in rows] == ["phase0", "level_1", "level_2"]
     assert _tree(run) == before  # nothing outside report/ was written
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no staging left
+    verify_run_manifest(run)  # a redrawn report is a view: the finished run still verifies
 
 
 def test_report_of_a_run_killed_mid_phase(finished_run, tmp_path, capsys):
