@@ -121,10 +121,13 @@ def _first_difference(a: Any, b: Any, path: str = "", where: str = "the checkpoi
 
 def run_identity(cfg: TrainConfig) -> dict[str, Any]:
     """The config a checkpoint must match to be resumed: all of it except how images are
-    loaded ([data] workers, pin_memory, prefetch), which changes speed, never the pixels."""
+    loaded ([data] workers, pin_memory, prefetch), which changes speed, never the pixels, and
+    the [train] timeouts (a run that timed out resumes with a longer one)."""
     raw = cfg.to_dict()
     raw["data"] = {k: v for k, v in raw.get("data", {}).items()
                    if k not in ("workers", "pin_memory", "prefetch")}
+    raw["train"] = {k: v for k, v in raw.get("train", {}).items()
+                    if k not in ("collective_timeout_s", "main_step_timeout_s")}
     return raw
 
 

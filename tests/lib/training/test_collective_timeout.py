@@ -94,3 +94,16 @@ def test_rank0_steps_run_outside_collectives_with_bounded_waits(tmp_path):
     # that was set on purpose (not torch's 30 min default)
     assert "Timed out waiting 2000ms" in r0["gave_up"]  # gloo: the 2 s set via setup()
     assert 1.0 + 0.5 * COLLECTIVE_S < r0["gave_up_s"] < 1.0 + COLLECTIVE_S + 8
+
+
+def test_timeouts_are_not_part_of_a_run_identity():
+    """The error says 'raise [train] main_step_timeout_s': the rerun with a longer timeout must
+    resume the same run, not be refused as another one."""
+    from sdr_edge.training.config import TrainConfig
+    from sdr_edge.training.pipeline import run_identity
+
+    base = TrainConfig()
+    longer = base.with_overrides({"train": {"main_step_timeout_s": 99999.0,
+                                            "collective_timeout_s": 3600.0}})
+    assert run_identity(longer) == run_identity(base)
+    assert run_identity(base.with_overrides({"train": {"seed": 1}})) != run_identity(base)
