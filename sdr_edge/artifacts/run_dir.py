@@ -125,13 +125,14 @@ def _is_staging(rel: Path) -> bool:
 
 
 def run_files(run_dir: Path) -> list[Path]:
-    """Every file that belongs in the manifest: checkpoints, work files, staging leftovers and
-    the report are excluded (the report is a view rebuilt from metrics.jsonl by `sdr-server
-    report` and extended by later stages, so it must not make a finished run fail to verify)."""
+    """Every file that belongs in the manifest: checkpoints, work files, staging leftovers, the
+    report and the TensorBoard events are excluded (the report is a view rebuilt from
+    metrics.jsonl by `sdr-server report` and extended by later stages; event files are live logs
+    named by host and time, rewritten on resume), so neither makes a finished run fail to verify."""
     run_dir = Path(run_dir)
     return sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != MANIFEST
                   and CHECKPOINT_DIR not in p.relative_to(run_dir).parts
-                  and p.relative_to(run_dir).parts[0] not in (WORK_DIR, REPORT_DIR)
+                  and p.relative_to(run_dir).parts[0] not in (WORK_DIR, REPORT_DIR, TENSORBOARD_DIR)
                   and not _is_staging(p.relative_to(run_dir)))
 
 

@@ -127,6 +127,16 @@ class ScheduleConfig(_Section):
 
     phase0_epochs: int = Field(default=10, ge=1)
     level_epochs: IntTuple = (2, 2, 2, 2)
+    # An SDR run whose phase-0 teacher (and heads) this run takes instead of training its own:
+    # several SDR recipes then share one teacher, as SDR shares one unified model (issue 10).
+    teacher_from: str | None = None
+    # Which parameters the level phases train: "all" (stem, shared stages, experts, heads) or
+    # "experts" (the routed stages' experts and the heads; stem and shared stages stay the
+    # teacher's, so sub-nets differ only where they are routed).
+    level_train: Literal["all", "experts"] = "all"
+    # The level phases' peak learning rate as a fraction of [ssl] lr (each phase restarts a
+    # cosine from it; 1.0 restarts at the full rate).
+    level_lr_scale: float = Field(default=1.0, gt=0.0, le=4.0)
 
     @field_validator("level_epochs")
     @classmethod

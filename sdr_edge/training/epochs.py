@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from sdr_edge.data.augment import AugmentConfig, augment_batch, normalize_tensor
 from sdr_edge.data.pool import ImagePool, iter_batches
-from sdr_edge.data.preprocess import InputSpec, normalize_batch, resize_image
+from sdr_edge.data.preprocess import InputSpec, normalize_pool_batch
 from sdr_edge.ssl.knn import knn_accuracy
 from sdr_edge.ssl.losses import siamkd_loss, simsiam_loss
 from sdr_edge.training.distributed import DistEnv, rank_batches
@@ -156,14 +156,6 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, plan: EpochPlan, e
 
 
 @torch.no_grad()
-def eval_batch(images: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """The evaluation transform of a pool batch: resized to the spec's size with the client's
-    `resize_image` when the pool decodes larger, then `normalize_batch` (float32 NCHW)."""
-    if images.shape[1] != spec.image_size or images.shape[2] != spec.image_size:
-        images = np.stack([resize_image(im, spec.image_size) for im in images])
-    return normalize_batch(images, spec)
-
-
 @torch.no_grad()
 def iter_features(encode: Callable[[torch.Tensor, np.ndarray], torch.Tensor], pool: ImagePool,
                   index: np.ndarray, spec: InputSpec, device: torch.device, batch: int = 512,
@@ -171,7 +163,7 @@ def iter_features(encode: Callable[[torch.Tensor, np.ndarray], torch.Tensor], po
     """(indices, float32 CPU features) batch after batch: nothing beyond one batch of images is
     held, so a caller can write features out (e.g. to a memory-mapped array) as they come."""
     for idx, images in iter_batches(pool, index, batch, workers=workers):
-        x = torch.from_numpy(eval_batch(images.numpy(), spec)).to(device)
+        x = torch.from_numpy(normalize_pool_batch(images.numpy(), spec)).to(device)
         yield idx, encode(x, idx).float().cpu()
 
 

@@ -33,7 +33,7 @@ from sdr_edge.data.pool import ImagePool, MemoryPool, channel_stats, open_pool, 
 from sdr_edge.data.preprocess import InputSpec
 from sdr_edge.errors import SdrEdgeError
 from sdr_edge.models.resnet import Backbone
-from sdr_edge.models.sdrnet import SDRnet
+from sdr_edge.models.sdrnet import RoutedStage, SDRnet
 from sdr_edge.ssl.heads import SimSiamHeads
 from sdr_edge.training import distributed as dd
 from sdr_edge.training.checkpoint import (
@@ -99,6 +99,21 @@ def split_indices(n: int, has_labels: bool, val_fraction: float, seed: int
     perm = np.random.default_rng([seed, 7]).permutation(n)
     n_val = max(1, int(round(n * val_fraction)))
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _same_spec(a: InputSpec, b: InputSpec) -> bool:
+    """Equal input specs; mean and std to 1e-9 (summation order may differ between processes)."""
+    da, db = a.to_dict(), b.to_dict()
+    close = all(np.allclose(da[k], db[k], rtol=1e-9, atol=0.0) for k in ("mean", "std"))
+    return close and {k: v for k, v in da.items() if k not in ("mean", "std")} == {
+        k: v for k, v in db.items() if k not in ("mean", "std")}
+
+
+def freeze_shared(net: SDRnet) -> None:
+    """Stop gradients to the stem and the unrouted stages: only experts (and heads) train."""
+    for module in [net.stem, *(s for s in net.stages if not isinstance(s, RoutedStage))]:
+        for p in module.parameters():
+            p.requires_grad_(False)
 
 
 def load_teacher_heads(run_dir: Path, cfg: TrainConfig, feature_dim: int) -> SimSiamHeads:
@@ -329,9 +344,10 @@ class Trainer:
 
     def _train_phase(self, phase: str, phase_id: int, model: SiameseNet, wrapped: nn.Module,
                      opt: torch.optim.Optimizer, epochs: int, start_epoch: int, *,
-                     codes: torch.Tensor | None = None, teacher: FrozenTeacher | None = None) -> None:
+                     codes: torch.Tensor | None = None, teacher: FrozenTeacher | None = None,
+                     lr_scale: float = 1.0) -> None:
         plan = self._plan(phase_id)
-        base_lr = scaled_lr(self.cfg.ssl, self.global_batch)
+        base_lr = scaled_lr(self.cfg.ssl, self.global_batch) * lr_scale
         every = self.cfg.train.knn_every
         track = self.tracker.phase(phase)
         for epoch in range(start_epoch, epochs):
@@ -378,6 +394,8 @@ class Trainer:
         if self._past(phase):
             backbone, _ = rd.load_teacher(self.run_dir)
             return backbone, load_teacher_heads(self.run_dir, self.cfg, bcfg.feature_dim)
+        if self.cfg.schedule.teacher_from and not self.unified:
+            return self._borrow_teacher(Path(self.cfg.schedule.teacher_from))
         epochs = self.cfg.total_epochs if self.unified else self.cfg.schedule.phase0_epochs
         model = self._new_siamese(Backbone(bcfg))
         opt = make_optimizer(model, self.cfg.ssl, self.global_batch)
@@ -391,6 +409,33 @@ class Trainer:
             self._wrote(rd.save_teacher(self.run_dir, backbone, self.spec,
                                         extra=heads.state_dict()))
         self._final_digest(model)
+        return backbone, heads
+
+    def _borrow_teacher(self, source: Path) -> tuple[Backbone, SimSiamHeads]:
+        """Phase 0 taken from another SDR run (`[schedule] teacher_from`): its teacher and heads,
+        refused unless they were trained for this backbone on this run's data and spec."""
+        bcfg = self.cfg.backbone_config()
+        where = f"[schedule] teacher_from = {str(source)!r}"
+        try:
+            backbone, spec = rd.load_teacher(source)
+            if backbone.cfg.to_dict() != bcfg.to_dict():
+                raise RunConflictError(f"{where}: its backbone {backbone.cfg.to_dict()} is not "
+                                       f"this run's {bcfg.to_dict()}")
+            heads = load_teacher_heads(source, self.cfg, bcfg.feature_dim)
+        except RunConflictError:
+            raise
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise RunConflictError(f"{where}: {str(exc).splitlines()[0]}") from None
+        if not _same_spec(spec, self.spec):
+            raise RunConflictError(f"[schedule] teacher_from = {str(source)!r}: its input spec "
+                                   f"{spec.to_dict()} differs from this run's {self.spec.to_dict()}"
+                                   " (another pool, limit or seed)")
+        if self.env.is_main:
+            self._wrote(rd.save_teacher(self.run_dir, backbone, self.spec,
+                                        extra=heads.state_dict()))
+            log.info("phase 0: teacher taken from %s", source)
+        self.metrics.event("teacher_from", run=str(source))
+        self._checkpoint(PHASE0, self.cfg.schedule.phase0_epochs)
         return backbone, heads
 
     def _embed_all(self, backbone: Backbone) -> np.ndarray:
@@ -483,6 +528,8 @@ class Trainer:
         if resumed:
             assert self.ckpt is not None
             model.load_state_dict(self.ckpt.modules["model"])
+        if self.cfg.schedule.level_train == "experts":
+            freeze_shared(net)
         wrapped = self._wrap(model, find_unused=True)
         for r in range(first, len(self.cfg.routing.branching)):
             phase = level_phase(r)
@@ -491,7 +538,8 @@ class Trainer:
             opt = make_optimizer(model, self.cfg.ssl, self.global_batch)
             start = self._restore(phase, model, opt)
             self._train_phase(phase, r + 1, model, wrapped, opt, self.cfg.schedule.level_epochs[r],
-                              start, codes=codes, teacher=frozen)
+                              start, codes=codes, teacher=frozen,
+                              lr_scale=self.cfg.schedule.level_lr_scale)
         dd.revert_sync_batchnorm(model)
         net = model.encoder.cpu()
         if self.env.is_main:

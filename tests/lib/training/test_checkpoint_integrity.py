@@ -239,10 +239,13 @@ def test_manifest_skips_hidden_and_tmp_entries(tmp_path):
     (tmp_path / ".kit.abcd" / "kit.safetensors").write_bytes(b"x")
     (tmp_path / rd.REPORT_DIR).mkdir()
     (tmp_path / rd.REPORT_DIR / "x.tmp").write_bytes(b"x")
-    (tmp_path / rd.REPORT_DIR / "loss.png").write_bytes(b"png")
+    (tmp_path / rd.REPORT_DIR / "loss.png").write_bytes(b"png")  # a view, redrawn later
+    (tmp_path / rd.TENSORBOARD_DIR).mkdir()
+    (tmp_path / rd.TENSORBOARD_DIR / "events.out.tfevents.1.host").write_bytes(b"ev")
+    (tmp_path / rd.CONFIG).write_text("[data]\n")
     rd.write_run_manifest(tmp_path)
     files = json.loads((tmp_path / rd.MANIFEST).read_text())["files"]
-    assert list(files) == ["report/loss.png"]
+    assert list(files) == [rd.CONFIG]
 
 
 # ----- --out and --config that must be refused -------------------------------------------

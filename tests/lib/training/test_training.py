@@ -261,7 +261,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     empty = tmp_path / "empty_src"
     empty.mkdir()
     code, err = train("--config", TINY, "--out", tmp_path / "o2", "--data", empty)
-    assert code == 2 and "no readable image" in err and "empty_src" in err
+    assert code == 2 and "no image file" in err and "empty_src" in err
 
 
 def test_resume_bookkeeping_skips_finished_phases(tmp_path):
