@@ -32,7 +32,7 @@ from sdr_edge.data.folder import SourceError
 from sdr_edge.data.pool import ImagePool, MemoryPool, channel_stats, open_pool, rank_share
 from sdr_edge.data.preprocess import InputSpec
 from sdr_edge.errors import SdrEdgeError
-from sdr_edge.models.resnet import Backbone
+from sdr_edge.models.resnet import Backbone, zero_residual_gammas
 from sdr_edge.models.sdrnet import RoutedStage, SDRnet
 from sdr_edge.ssl.heads import SimSiamHeads
 from sdr_edge.training import distributed as dd
@@ -397,7 +397,10 @@ class Trainer:
         if self.cfg.schedule.teacher_from and not self.unified:
             return self._borrow_teacher(Path(self.cfg.schedule.teacher_from))
         epochs = self.cfg.total_epochs if self.unified else self.cfg.schedule.phase0_epochs
-        model = self._new_siamese(Backbone(bcfg))
+        backbone = Backbone(bcfg)
+        if self.cfg.model.zero_init_residual:
+            zero_residual_gammas(backbone)
+        model = self._new_siamese(backbone)
         opt = make_optimizer(model, self.cfg.ssl, self.global_batch)
         start = self._restore(phase, model, opt)
         self._train_phase(phase, 0 if not self.unified else 100, model,

@@ -85,18 +85,21 @@ def test_presets_build_and_run():
 
 
 @pytest.mark.parametrize("preset", ["small", "resnet50"])
-def test_init_zeroes_the_last_bn_of_every_residual_branch(preset):
-    """Zero gamma: each block starts as its shortcut; every other BN (stem, shortcut) has 1."""
-    from sdr_edge.models.resnet import BasicBlock, Bottleneck
+def test_zero_gamma_is_opt_in_and_zeroes_the_last_bn_of_every_residual_branch(preset):
+    """Default init: every BN gamma 1. zero_residual_gammas: each block starts as its shortcut;
+    every other BN (stem, shortcut) keeps 1."""
+    from sdr_edge.models.resnet import BasicBlock, Bottleneck, zero_residual_gammas
 
     torch.manual_seed(0)
     nets = [Backbone(BackboneConfig.preset(preset, in_channels=3)),
             SDRnet(BackboneConfig.preset(preset, in_channels=3), (2, 2))]
     for net in nets:
+        bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert all(torch.equal(bn.weight, torch.ones_like(bn.weight)) for bn in bns)
+        zero_residual_gammas(net)
         blocks = [m for m in net.modules() if isinstance(m, BasicBlock | Bottleneck)]
         assert blocks
         last = {id(b.bn3 if isinstance(b, Bottleneck) else b.bn2) for b in blocks}
-        bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         assert len(bns) > len(last)  # the stem's and the shortcuts' BNs keep gamma 1
         for bn in bns:
             assert torch.equal(bn.weight, torch.full_like(bn.weight, 0.0 if id(bn) in last else 1.0))
