@@ -18,6 +18,7 @@ Tests that only read a run share one per session: `shared_tiny_run(base)` or
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,28 @@ CLUSTERED: dict[str, Any] = {
     "kit_epochs": 2,
     "kit_widths": (16, 32, 32),
 }
+
+
+# The smallest real `sdr-server train` config (digits, 16 px, K = 4): for tests that run the
+# trainer itself rather than build a run dir.
+TINY_TRAIN = {
+    "data": {"source": "builtin:digits", "image_size": 16, "limit": 200, "val_fraction": 0.2},
+    "model": {"widths": [8, 8, 16, 16], "blocks": [1, 1, 1, 1], "stem_width": 8},
+    "routing": {"branching": [2, 2]},
+    "ssl": {"proj_dim": 16, "pred_hidden": 8, "batch_size": 64},
+    "schedule": {"phase0_epochs": 2, "level_epochs": [1, 1]},
+    "kit": {"epochs": 0},
+    "train": {"threads": 1, "knn_every": 1},
+    "augment": {"flip": False},
+}
+
+
+def tiny_train_config(**tables: dict) -> dict:
+    """A fresh copy of TINY_TRAIN with the given keys of the given tables replaced."""
+    cfg = copy.deepcopy(TINY_TRAIN)
+    for table, values in tables.items():
+        cfg.setdefault(table, {}).update(values)
+    return cfg
 
 
 def _perturb_experts(net: SDRnet, gen: torch.Generator | None, relative: bool) -> SDRnet:

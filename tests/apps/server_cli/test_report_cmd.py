@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers_rundir import tiny_train_config
 
 from sdr_edge.artifacts.run_dir import METRICS, REPORT_DIR, verify_run_manifest
 from sdr_edge.report.html import Section, read_sections, update_index
@@ -16,16 +17,7 @@ from sdr_edge.training.config import config_from_dict
 from sdr_edge.training.pipeline import train
 from sdr_edge_server.cli import main
 
-TINY = {
-    "data": {"source": "builtin:digits", "image_size": 16, "limit": 200, "val_fraction": 0.2},
-    "model": {"widths": [8, 8, 16, 16], "blocks": [1, 1, 1, 1], "stem_width": 8},
-    "routing": {"branching": [2, 2]},
-    "ssl": {"proj_dim": 16, "pred_hidden": 8, "batch_size": 64},
-    "schedule": {"phase0_epochs": 2, "level_epochs": [1, 1]},
-    "kit": {"epochs": 0},
-    "train": {"threads": 1, "knn_every": 1},
-    "augment": {"flip": False},
-}
+TINY = tiny_train_config()
 
 
 def _tree(run: Path, skip: str = REPORT_DIR) -> dict[str, str]:

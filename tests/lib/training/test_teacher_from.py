@@ -4,12 +4,12 @@ teacher from another pool or backbone is refused with the key named."""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from helpers_rundir import tiny_train_config
 
 from sdr_edge.artifacts import run_dir as rd
 from sdr_edge.bench.budgets import BUDGETS
@@ -19,23 +19,11 @@ from sdr_edge.models.sdrnet import RoutedStage
 from sdr_edge.training.config import config_from_dict
 from sdr_edge.training.pipeline import RunConflictError, train
 
-TINY = {
-    "data": {"source": "builtin:digits", "image_size": 16, "limit": 200, "val_fraction": 0.2},
-    "model": {"widths": [8, 8, 16, 16], "blocks": [1, 1, 1, 1], "stem_width": 8},
-    "routing": {"branching": [2, 2]},
-    "ssl": {"proj_dim": 16, "pred_hidden": 8, "batch_size": 64},
-    "schedule": {"phase0_epochs": 2, "level_epochs": [1, 1]},
-    "kit": {"epochs": 0},
-    "train": {"threads": 1, "knn_every": 0},
-    "augment": {"flip": False},
-}
+TINY = tiny_train_config(train={"knn_every": 0})
 
 
 def _with(**tables: dict) -> dict:
-    cfg = copy.deepcopy(TINY)
-    for table, values in tables.items():
-        cfg[table].update(values)
-    return cfg
+    return tiny_train_config(train={"knn_every": 0}, **tables)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers_rundir import tiny_train_config
 
 from sdr_edge.training.config import config_from_dict
 from sdr_edge.training.metrics import read_metrics
@@ -20,16 +21,7 @@ event_accumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator",
     reason="tensorboard is not installed (pip install 'sdr-edge[server]')")
 
-TINY = {
-    "data": {"source": "builtin:digits", "image_size": 16, "limit": 300, "val_fraction": 0.2},
-    "model": {"widths": [8, 8, 16, 16], "blocks": [1, 1, 1, 1], "stem_width": 8},
-    "routing": {"branching": [2, 2]},
-    "ssl": {"proj_dim": 16, "pred_hidden": 8, "batch_size": 64},
-    "schedule": {"phase0_epochs": 2, "level_epochs": [1, 1]},
-    "kit": {"epochs": 0},
-    "train": {"threads": 1, "knn_every": 1},
-    "augment": {"flip": False},
-}
+TINY = tiny_train_config(data={"limit": 300})
 
 
 @pytest.fixture(scope="module")
