@@ -83,6 +83,9 @@ RECIPES: dict[str, tuple[str, Callable[[Plan], None]]] = {
                 "stay the teacher's)", lambda p: p.set("schedule", "level_train", "experts")),
     "lr0.2": ("level phases restart at 0.2 x the base learning rate",
               lambda p: p.set("schedule", "level_lr_scale", 0.2)),
+    "elr": ("per-cell expert learning rate: a stage of B experts learns at B x the rate "
+            "(the batch mean gives each expert ~1/B of the gradient)",
+            lambda p: p.set("schedule", "expert_lr", "per-cell")),
     "coarse4": ("K = 4: one routed level at the deepest stage, all level epochs on it", _coarse4),
     "deep2": ("K = 16: the two deepest stages routed", _deep2),
     "shallow-coarse": ("coarsest level at the shallowest stage", _shallow_coarse),

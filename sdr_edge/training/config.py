@@ -141,6 +141,11 @@ class ScheduleConfig(_Section):
     # The level phases' peak learning rate as a fraction of [ssl] lr (each phase restarts a
     # cosine from it; 1.0 restarts at the full rate).
     level_lr_scale: float = Field(default=1.0, gt=0.0, le=4.0)
+    # How the routed experts' learning rate is set in the level phases: "shared" (the same rate
+    # as every other parameter) or "per-cell" (x B at a stage of B experts). Each expert sees
+    # about 1/B of a batch and the loss is a batch mean, so under "shared" its gradient, and
+    # its step, is about 1/B of what it would be on a batch of its own cell.
+    expert_lr: Literal["shared", "per-cell"] = "shared"
 
     @field_validator("level_epochs")
     @classmethod

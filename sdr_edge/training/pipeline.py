@@ -48,7 +48,13 @@ from sdr_edge.training.checkpoint import (
     save_checkpoint,
     set_aside,
 )
-from sdr_edge.training.config import ConfigError, TrainConfig, dump_config, parse_config_text
+from sdr_edge.training.config import (
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    dump_config,
+    parse_config_text,
+)
 from sdr_edge.training.epochs import EpochPlan, iter_features, knn_monitor, train_epoch
 from sdr_edge.training.metrics import MetricsLog
 from sdr_edge.training.siamese import FrozenTeacher, SiameseNet, make_optimizer, scaled_lr
@@ -60,6 +66,20 @@ PHASE0, CLUSTER, KIT, DONE, UNIFIED = "phase0", "cluster", "kit", "done", "unifi
 MAX_LOGGED_SKIPS = 1000
 EMBEDDINGS = "embeddings.f16.npy"  # under RUN/work while the cluster phase runs
 EMBED_BATCH = 256  # images per embedding batch (host RAM: see sdr_edge.training.estimate)
+
+
+def with_current_defaults(identity: Any) -> Any:
+    """A checkpoint's run identity with config keys added since it was written set to their
+    defaults: a run from before a key existed is the same run when the key is at its default
+    (each new key's default keeps the old behaviour). Unparseable identities stay as they are,
+    so the comparison still refuses them."""
+    if not isinstance(identity, dict) or not isinstance(identity.get("config"), dict):
+        return identity
+    try:
+        config = config_from_dict(identity["config"]).to_dict()
+    except (ConfigError, ValueError, TypeError):
+        return identity
+    return json.loads(json.dumps({**identity, "config": config}))
 
 
 class RunConflictError(SdrEdgeError, ValueError):
@@ -258,8 +278,9 @@ class Trainer:
         else:
             self.ckpt = load_checkpoint(self.run_dir)
         if self.ckpt is not None:
-            if self.ckpt.meta.get("identity") != self.identity:
-                diff = _first_difference(self.ckpt.meta.get("identity"), self.identity)
+            stored = with_current_defaults(self.ckpt.meta.get("identity"))
+            if stored != self.identity:
+                diff = _first_difference(stored, self.identity)
                 raise RunConflictError(
                     f"{self.run_dir} holds a different run ({diff}); pass another --out, "
                     "or delete the folder to start over")
@@ -538,7 +559,8 @@ class Trainer:
             phase = level_phase(r)
             if not self._resuming(phase):
                 net.split_level(r)
-            opt = make_optimizer(model, self.cfg.ssl, self.global_batch)
+            opt = make_optimizer(model, self.cfg.ssl, self.global_batch,
+                                 scaled=self._expert_lr_groups(net, r))
             start = self._restore(phase, model, opt)
             self._train_phase(phase, r + 1, model, wrapped, opt, self.cfg.schedule.level_epochs[r],
                               start, codes=codes, teacher=frozen,
@@ -550,6 +572,15 @@ class Trainer:
         self._final_digest(model)
         self._checkpoint(KIT, 0)
         return net
+
+    def _expert_lr_groups(self, net: SDRnet, level: int) -> list[tuple[list[nn.Parameter], float]]:
+        """Under `expert_lr = "per-cell"`, the experts of every level active in phase `level`
+        learn at B x the rate, B their stage's expert count (levels not yet split route every
+        image to expert 0, so they keep the shared rate)."""
+        if self.cfg.schedule.expert_lr != "per-cell":
+            return []
+        return [(list(net.stages[net.level_stages[r]].parameters()), float(net.branching[r]))
+                for r in range(level + 1)]
 
     def _kit(self, codes: torch.Tensor) -> None:
         if self._past(KIT):

@@ -8,6 +8,7 @@ view still gets its own BatchNorm statistics as in SimSiam.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -60,14 +61,24 @@ def scaled_lr(ssl: SSLConfig, global_batch: int) -> float:
     return ssl.lr * global_batch / 256.0
 
 
-def make_optimizer(model: SiameseNet, ssl: SSLConfig, global_batch: int) -> torch.optim.SGD:
-    """SGD; the predictor keeps a fixed learning rate (SimSiam's fix_pred_lr), the rest decays."""
+def make_optimizer(model: SiameseNet, ssl: SSLConfig, global_batch: int,
+                   scaled: Sequence[tuple[Sequence[nn.Parameter], float]] = ()) -> torch.optim.SGD:
+    """SGD; the predictor keeps a fixed learning rate (SimSiam's fix_pred_lr), the rest decays.
+
+    `scaled` gives parameter groups whose decaying rate is multiplied (`lr_mult`): the routed
+    experts under `[schedule] expert_lr = "per-cell"`."""
     lr = scaled_lr(ssl, global_batch)
     pred = list(model.heads.predictor.parameters())
-    pred_ids = {id(p) for p in pred}
-    rest = [p for p in model.parameters() if id(p) not in pred_ids]
+    taken = {id(p) for p in pred}
+    extra = []
+    for params, mult in scaled:
+        group = [p for p in params if id(p) not in taken]
+        taken.update(id(p) for p in group)
+        if group:
+            extra.append({"params": group, "fix_lr": False, "lr_mult": float(mult)})
+    rest = [p for p in model.parameters() if id(p) not in taken]
     return torch.optim.SGD(
-        [{"params": rest, "fix_lr": False}, {"params": pred, "fix_lr": True}],
+        [{"params": rest, "fix_lr": False}, {"params": pred, "fix_lr": True}, *extra],
         lr=lr, momentum=ssl.momentum, weight_decay=ssl.weight_decay,
         foreach=True,  # one fused update over all tensors: SDRnets hold many expert tensors
     )
@@ -77,7 +88,7 @@ def set_cosine_lr(opt: torch.optim.Optimizer, base_lr: float, step: int, total_s
     """Cosine decay over a phase, as a pure function of the step (so a resume lands exactly)."""
     lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
     for group in opt.param_groups:
-        group["lr"] = base_lr if group.get("fix_lr") else lr
+        group["lr"] = base_lr if group.get("fix_lr") else lr * group.get("lr_mult", 1.0)
     return lr
 
 
