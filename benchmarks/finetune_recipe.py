@@ -1,15 +1,24 @@
 """Fine-tune recipes vs the linear probe of the same pre-trained backbone, over seeds.
 
-    python benchmarks/finetune_recipe.py --run-dir RUN [--task footwear-3=fashion-mnist:test@5,7,9]
-        [--recipes old,new] [--seeds 3] [--limit 2000]
+    python benchmarks/finetune_recipe.py --run-dir RUN [--run-dir RUN2 ...]
+        [--task footwear-3=fashion-mnist:test@5,7,9 | --task-set domains]
+        [--recipes old,new] [--seeds 3] [--first-seed 0] [--limit 2000] [--vary-split]
+        [--out X.json]
+    python benchmarks/finetune_recipe.py --summarize X.json Y.json ...
 
-Loads the run's teacher (the unified backbone of a `--unified` run, or an SDR run's phase-0
-teacher), splits each task 70/30 (the paper-claim split; fixed by --split-seed unless
---vary-split), and reports the frozen linear probe and each fine-tune recipe as mean ± std over
-the seeds (a seed sets head initialisation, batch order and augmentation). `old` is the recipe
-the bench used before (3 epochs, constant lr 0.05 on every weight, random head, BatchNorm in
-train mode, no augmentation); `new` is `FineTuneConfig()`'s defaults; the other names change
-one thing of `new`. Prints JSON with the load average, since the machine may be shared.
+Loads each run's teacher (the unified backbone of a `--unified` run, or an SDR run's phase-0
+teacher), splits each task 70/30 (the paper-claim split; fixed by --split-seed), and reports
+the frozen linear probe and each fine-tune recipe as mean ± std over the seeds. A seed sets the
+head initialisation, batch order and augmentation; with --vary-split it also draws the task's
+image subset and its split, as each seed of `sdr-server bench` does. `old` is the recipe the
+bench used before (3 epochs, constant lr 0.05 on every weight, random head, BatchNorm in train
+mode, no augmentation); `new` is `FineTuneConfig()`'s defaults; the other names change one or
+two things of `new`. Prints JSON with the load average, since the machine may be shared.
+
+Every accuracy is also kept as a record keyed by (run, task, split seed, fine-tune seed), so
+`--summarize` can merge several invocations and split the spread into its sources: std over
+fine-tune seeds on one model and split (the recipe's), over runs at the same seeds (the
+pre-training's), and over split seeds (the test set's; the fine-tune seed moves with it).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import json
 import os
 import sys
 import time
+from collections import defaultdict
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -29,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdr_edge.artifacts.run_dir import load_teacher  # noqa: E402
+from sdr_edge.bench.domains import domain_tasks  # noqa: E402
 from sdr_edge.data.sources import load_source  # noqa: E402
 from sdr_edge.models.classifier import SubnetModel  # noqa: E402
 from sdr_edge.routing.evaluate import split_task  # noqa: E402
@@ -50,30 +61,56 @@ RECIPES: dict[str, FineTuneConfig] = {
     "new-no-augment": replace(NEW, augment=False),
     "new-backbone-lr-0.25": replace(NEW, lr=2e-3, backbone_lr_scale=0.25),
     "new-warmup": replace(NEW, warmup_fraction=0.1),
+    # what issue 10 names: warm-up + cosine and a lower backbone lr than the head's
+    "new-warmup-backbone-lr-0.25": replace(NEW, lr=2e-3, backbone_lr_scale=0.25,
+                                           warmup_fraction=0.1),
     "new-sgd": replace(NEW, optimizer="sgd", lr=0.05, backbone_lr_scale=0.1, weight_decay=5e-4),
     "new-5-epochs": replace(NEW, epochs=5),
     "new-20-epochs": replace(NEW, epochs=20),
 }
 DEFAULT_TASKS = ("footwear-3=fashion-mnist:test@5,7,9", "digits-10=builtin:digits")
+TARGET_STD = 1.5  # issue 10: std over 3 seeds <= 1.5 points
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run-dir", type=Path, required=True, help="a finished sdr-server train run")
+    p.add_argument("--run-dir", type=Path, action="append",
+                   help="a finished sdr-server train run (repeatable)")
     p.add_argument("--task", action="append", help="NAME=SOURCE (repeatable); default: "
                    + ", ".join(DEFAULT_TASKS))
+    p.add_argument("--task-set", choices=("default", "domains"), default="default",
+                   help="domains: the six mixed-pool tasks of sdr_edge.bench.domains")
     p.add_argument("--limit", type=int, default=2000, help="seeded image cap per task (0: all)")
     p.add_argument("--recipes", default="old,new", help=f"comma-separated, from {list(RECIPES)}")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds are first-seed .. first-seed + seeds - 1 (to extend a study)")
     p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--vary-split", action="store_true", help="split with each seed too")
+    p.add_argument("--vary-split", action="store_true",
+                   help="draw the task subset and split with each seed too")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, help="also write the JSON here")
-    args = p.parse_args()
+    p.add_argument("--out", type=Path, help="also write the JSON here (rewritten after each task)")
+    p.add_argument("--summarize", type=Path, nargs="+", metavar="JSON",
+                   help="merge the records of earlier --out files; train nothing")
+    args = p.parse_args(argv)
+    if args.summarize:
+        return args
+    if not args.run_dir:
+        p.error("--run-dir is required (or --summarize)")
     unknown = [r for r in args.recipes.split(",") if r not in RECIPES]
     if unknown:
         p.error(f"--recipes: unknown {unknown}; choose from {list(RECIPES)}")
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
     return args
+
+
+def task_list(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(name, source spec) of the tasks asked for."""
+    if args.task_set == "domains":
+        return [(t.name, t.source) for t in domain_tasks(args.limit or None)]
+    return [(name, spec or name) for name, _, spec in
+            (item.partition("=") for item in args.task or DEFAULT_TASKS)]
 
 
 def stats(values: list[float]) -> dict:
@@ -82,20 +119,28 @@ def stats(values: list[float]) -> dict:
             if len(pct) > 1 else 0.0, "values": pct}
 
 
-def run_task(name: str, source_spec: str, args: argparse.Namespace, recipes: list[str]) -> dict:
-    backbone, spec = load_teacher(args.run_dir)
-    source = load_source(source_spec, spec.image_size, spec.channels,
-                         limit=args.limit or None, seed=args.split_seed)
-    n_cls = int(source.labels.max()) + 1
+def run_task(run_dir: Path, name: str, source_spec: str, args: argparse.Namespace,
+             recipes: list[str], records: list[dict]) -> dict:
+    """One run's probe and fine-tunes on one task over the seeds; appends to `records`."""
+    backbone, spec = load_teacher(run_dir)
     results: dict[str, list[float]] = {"probe": [], **{r: [] for r in recipes}}
     seconds: dict[str, float] = {r: 0.0 for r in recipes}
-    for seed in range(args.seeds):
-        tr, te = split_task(source, 0.3, seed if args.vary_split else args.split_seed)
+    source = None
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        split_seed = seed if args.vary_split else args.split_seed
+        if source is None or args.vary_split:
+            source = load_source(source_spec, spec.image_size, spec.channels,
+                                 limit=args.limit or None, seed=split_seed)
+        n_cls = int(source.labels.max()) + 1
+        tr, te = split_task(source, 0.3, split_seed)
         x_tr, x_te = source.images[tr], source.images[te]
         y_tr, y_te = source.labels[tr], source.labels[te]
+        key = {"run": str(run_dir), "task": name, "split_seed": split_seed, "seed": seed,
+               "test_images": int(len(te))}
         results["probe"].append(linear_probe_accuracy(
             extract_features(backbone, x_tr, spec), y_tr,
             extract_features(backbone, x_te, spec), y_te, seed=seed))
+        records.append({**key, "method": "probe", "accuracy": results["probe"][-1]})
         for recipe in recipes:
             torch.manual_seed(seed)  # head initialisation
             model = SubnetModel(copy.deepcopy(backbone), n_cls)
@@ -104,7 +149,8 @@ def run_task(name: str, source_spec: str, args: argparse.Namespace, recipes: lis
                         progress=f"{name} {recipe} seed {seed}")
             seconds[recipe] += time.perf_counter() - started
             results[recipe].append(evaluate_local(model, x_te, y_te, spec).accuracy)
-            print(f"{name} seed {seed} {recipe}: {results[recipe][-1]:.4f} "
+            records.append({**key, "method": recipe, "accuracy": results[recipe][-1]})
+            print(f"{run_dir} {name} seed {seed} {recipe}: {results[recipe][-1]:.4f} "
                   f"(probe {results['probe'][-1]:.4f})", file=sys.stderr)
     row = {"source": source_spec, "train_images": int(len(tr)), "test_images": int(len(te)),
            **{k: stats(v) for k, v in results.items()},
@@ -114,24 +160,137 @@ def run_task(name: str, source_spec: str, args: argparse.Namespace, recipes: lis
     return row
 
 
-def main() -> int:
-    args = parse_args()
+def _std(values: list[float]) -> float | None:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def _mean_std(groups: dict) -> tuple[float | None, int]:
+    """Mean of the within-group stds (groups of >= 2 values), and how many groups had one."""
+    stds = [s for s in (_std(v) for v in groups.values()) if s is not None]
+    return (round(float(np.mean(stds)), 2) if stds else None), len(stds)
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per task and method: mean, and the spread split by source, in points.
+
+    * finetune_seed_std: std over fine-tune seeds at one run and one split, averaged over the
+      (run, split) pairs that have >= 2 seeds: the recipe's own stability;
+    * pretrain_std: std over runs at the same split and fine-tune seed, averaged over those;
+    * split_std: std over split seeds (records whose fine-tune seed equals the split seed, so
+      the fine-tune seed moves too), averaged over runs: the test set's share plus the recipe's.
+    Duplicate keys (the same run, task, seeds and method from two files) count once.
+    """
+    unique: dict[tuple, dict] = {}
+    for r in records:
+        unique.setdefault((r["run"], r["task"], r["split_seed"], r["seed"], r["method"]), r)
+    by: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in unique.values():
+        by[(r["task"], r["method"])].append(r)
+    out: dict[str, dict] = {}
+    for (task, method), rows in sorted(by.items()):
+        pts = {(r["run"], r["split_seed"], r["seed"]): 100 * r["accuracy"] for r in rows}
+        seed_groups, run_groups, split_groups = defaultdict(list), defaultdict(list), \
+            defaultdict(list)
+        for (run, split, seed), v in pts.items():
+            seed_groups[(run, split)].append(v)
+            run_groups[(split, seed)].append(v)
+            if split == seed:
+                split_groups[run].append(v)
+        entry: dict = {"mean": round(float(np.mean(list(pts.values()))), 2), "n": len(pts)}
+        for name, groups in (("finetune_seed_std", seed_groups), ("pretrain_std", run_groups),
+                             ("split_std", split_groups)):
+            entry[name], entry[name.replace("std", "groups")] = _mean_std(groups)
+        if method != "probe":
+            probe = {(r["run"], r["split_seed"], r["seed"]): 100 * r["accuracy"]
+                     for r in unique.values() if r["task"] == task and r["method"] == "probe"}
+            paired = [v - probe[k] for k, v in pts.items() if k in probe]
+            entry["minus_probe"] = round(float(np.mean(paired)), 2) if paired else None
+        out.setdefault(task, {})[method] = entry
+    return out
+
+
+def verdict(summary: dict) -> dict:
+    """Per recipe, issue 10's two figures: min over tasks of fine-tune − probe (>= 0) and max
+    over tasks of the std over fine-tune seeds (<= 1.5)."""
+    recipes = sorted({m for row in summary.values() for m in row if m != "probe"})
+    out = {}
+    for recipe in recipes:
+        rows = [row[recipe] for row in summary.values() if recipe in row]
+        gaps = [r["minus_probe"] for r in rows if r.get("minus_probe") is not None]
+        stds = [r["finetune_seed_std"] for r in rows if r["finetune_seed_std"] is not None]
+        out[recipe] = {
+            "mean_over_tasks": round(float(np.mean([r["mean"] for r in rows])), 2),
+            "min_minus_probe": min(gaps) if gaps else None,
+            "max_finetune_seed_std": max(stds) if stds else None,
+            "holds": bool(gaps and stds and min(gaps) >= 0 and max(stds) <= TARGET_STD)}
+    return out
+
+
+def markdown(summary: dict) -> str:
+    """The README table: one row per task and recipe."""
+    def cell(v: float | None) -> str:
+        return "–" if v is None else f"{v:.1f}"
+    lines = ["| task | recipe | probe | fine-tune ± std over fine-tune seeds | − probe "
+             "| std over pre-training | std over splits |", "|---|---|---|---|---|---|---|"]
+    for task, row in summary.items():
+        probe = row.get("probe", {}).get("mean")
+        for recipe, e in row.items():
+            if recipe == "probe":
+                continue
+            lines.append(f"| {task} | {recipe} | {cell(probe)} | {e['mean']:.1f} ± "
+                         f"{cell(e['finetune_seed_std'])} | {e['minus_probe']:+.1f} | "
+                         f"{cell(e['pretrain_std'])} | {cell(e['split_std'])} |")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Stage and rename: a crash never leaves half a file behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def load_records(paths: list[Path]) -> list[dict]:
+    records = []
+    for path in paths:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"{path}: not a readable JSON file ({exc})") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+            raise SystemExit(f"{path}: no 'records' list (written by an older version?)")
+        records.extend(data["records"])
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.summarize:
+        summary = summarize(load_records(args.summarize))
+        print(json.dumps({"summary": summary, "verdict": verdict(summary)}, indent=2))
+        print(markdown(summary))
+        return 0
     torch.set_num_threads(args.threads)
     recipes = args.recipes.split(",")
     load_start = os.getloadavg()
-    tasks = {}
-    for item in args.task or DEFAULT_TASKS:
-        name, _, source_spec = item.partition("=")
-        tasks[name] = run_task(name, source_spec or name, args, recipes)
-    out = {"run_dir": str(args.run_dir), "seeds": args.seeds, "vary_split": args.vary_split,
-           "limit": args.limit, "threads": args.threads,
-           "recipes": {r: asdict(RECIPES[r]) for r in recipes}, "tasks": tasks,
-           "loadavg_start": [round(v, 2) for v in load_start],
-           "loadavg_end": [round(v, 2) for v in os.getloadavg()]}
-    text = json.dumps(out, indent=2)
-    print(text)
+    out: dict = {"run_dirs": [str(r) for r in args.run_dir], "seeds": args.seeds,
+                 "first_seed": args.first_seed,
+                 "split_seed": args.split_seed, "vary_split": args.vary_split,
+                 "limit": args.limit, "threads": args.threads,
+                 "recipes": {r: asdict(RECIPES[r]) for r in recipes}, "runs": {}, "records": [],
+                 "loadavg_start": [round(v, 2) for v in load_start]}
+    for run_dir in args.run_dir:
+        tasks = out["runs"].setdefault(str(run_dir), {})
+        for name, source_spec in task_list(args):
+            tasks[name] = run_task(run_dir, name, source_spec, args, recipes, out["records"])
+            if args.out:
+                write_json(args.out, out)
+    out["summary"] = summarize(out["records"])
+    out["verdict"] = verdict(out["summary"])
+    out["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    print(json.dumps(out, indent=2))
     if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
+        write_json(args.out, out)
     return 0
 
 
