@@ -1,9 +1,11 @@
-"""What the serving-config writers share: an exported ONNX file's tensors and sdr-edge metadata.
+"""One reader of an exported ONNX file: its tensors, its sdr-edge metadata, its quantization.
 
-Used by the Triton and DeepStream writers (`triton.py`, `deepstream.py`): both derive their
-inputs and outputs from the graph itself (names, element types, shapes), never from what the
-metadata claims, and read the label names and normalisation from the metadata. Both publish
-folders that a server running as another user must read (`share_modes`).
+Used by every writer that turns an exported model into something a runtime serves: Triton
+(`triton.py`), DeepStream (`deepstream.py`) and the TensorRT builder (`tensorrt_build.py`).
+They derive their inputs and outputs from the graph itself (names, element types, shapes),
+never from what the metadata claims, and read the label names, normalisation and precision
+from the metadata. The serving-config writers publish folders that a server running as
+another user must read (`share_modes`).
 """
 
 from __future__ import annotations
@@ -24,11 +26,17 @@ class ModelGraphError(SdrEdgeError, ValueError):
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One graph input or output; a dimension of None is dynamic (dim_param or unset)."""
+    """One graph input or output, its dimensions as the file writes them: a dim_value, a
+    dim_param (the name of a dynamic axis, e.g. "batch"), or "?" where neither is set."""
 
     name: str
     elem_type: int  # onnx.TensorProto.DataType
-    shape: tuple[int | None, ...]
+    dims: tuple[int | str, ...]
+
+    @property
+    def shape(self) -> tuple[int | None, ...]:
+        """The dimensions with every dynamic one (named, unset or not positive) as None."""
+        return tuple(d if isinstance(d, int) and d > 0 else None for d in self.dims)
 
     @property
     def type_name(self) -> str:
@@ -37,11 +45,25 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class ModelGraph:
+    """An exported model as read from its file (weights included; they are small)."""
+
     path: Path
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
     metadata: ModelMetadata
     proto: onnx.ModelProto
+
+    @property
+    def activation_quant_types(self) -> tuple[str, ...]:
+        """Element types of the QuantizeLinear zero points (the activations' integer type,
+        e.g. ("uint8",) for ONNX Runtime's CPU QDQ, ("int8",) for TensorRT's); () if none."""
+        inits = {t.name: t for t in self.proto.graph.initializer}
+        kinds = set()
+        for node in self.proto.graph.node:
+            if node.op_type == "QuantizeLinear" and len(node.input) >= 3 \
+                    and node.input[2] in inits:
+                kinds.add(onnx.TensorProto.DataType.Name(inits[node.input[2]].data_type).lower())
+        return tuple(sorted(kinds))
 
 
 def _tensor(value: onnx.ValueInfoProto, path: Path) -> TensorInfo:
@@ -51,20 +73,20 @@ def _tensor(value: onnx.ValueInfoProto, path: Path) -> TensorInfo:
     tt = t.tensor_type
     if not tt.HasField("shape"):
         raise ModelGraphError(f"{path}: tensor {value.name!r} has no shape (rank unknown)")
-    shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-                  for d in tt.shape.dim)
-    return TensorInfo(value.name, int(tt.elem_type), shape)
+    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                 for d in tt.shape.dim)
+    return TensorInfo(value.name, int(tt.elem_type), dims)
 
 
 def read_model_graph(path: str | Path) -> ModelGraph:
-    """Load `path` (weights included, they are small) and describe its inputs and outputs."""
+    """Load `path` and describe its inputs and outputs; every error is one line naming it."""
     path = Path(path)
     if not path.is_file():
         raise ModelGraphError(f"ONNX model not found: {path}")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError, ValueError, ... for a bad file
-        raise ModelGraphError(f"{path}: not an ONNX model ({exc})") from exc
+        raise ModelGraphError(f"{path}: not a readable ONNX model ({exc})") from exc
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
         raise ModelGraphError(f"{path}: weights are stored in external files; export them "
                               "inside the model (`sdr-export onnx` does) so one file travels")

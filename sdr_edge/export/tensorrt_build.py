@@ -28,16 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx
-
 from sdr_edge.artifacts.atomic import fsync_dir, sha256_file
-from sdr_edge.artifacts.model_metadata import (
-    METADATA_KEY,
-    MetadataError,
-    ModelMetadata,
-    engine_metadata_path,
-    metadata_from_props,
-)
+from sdr_edge.artifacts.model_metadata import engine_metadata_path
 from sdr_edge.artifacts.staging import check_replaceable_file
 from sdr_edge.errors import SdrEdgeError
 from sdr_edge.export.engine_compare import (
@@ -47,6 +39,7 @@ from sdr_edge.export.engine_compare import (
     make_batches,
     reference_runner,
 )
+from sdr_edge.export.onnx_graph import ModelGraph, ModelGraphError, read_model_graph
 from sdr_edge.export.parity import raise_on_failure
 
 log = logging.getLogger(__name__)
@@ -57,24 +50,6 @@ ENGINE_FORMAT = "sdr-edge-engine"
 
 class EngineBuildError(SdrEdgeError, ValueError):
     """Bad build options, an ONNX model TensorRT cannot take, or a failed build."""
-
-
-@dataclass(frozen=True)
-class OnnxModelInfo:
-    """What the builder needs to know about the ONNX model, read without running it."""
-
-    input_name: str
-    input_shape: tuple[int | str, ...]
-    output_name: str
-    output_shape: tuple[int | str, ...]
-    precision: str
-    metadata: ModelMetadata | None
-    activation_quant_types: tuple[str, ...] = ()
-
-    @property
-    def fixed_batch(self) -> int | None:
-        dim = self.input_shape[0]
-        return dim if isinstance(dim, int) and dim > 0 else None
 
 
 @dataclass(frozen=True)
@@ -108,73 +83,25 @@ class BuildOptions:
     extra: dict = field(default_factory=dict)
 
 
-def _dims(value_info: onnx.ValueInfoProto) -> tuple[int | str, ...]:
-    dims = value_info.type.tensor_type.shape.dim
-    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims)
-
-
-def _precision_from_graph(model: onnx.ModelProto) -> str:
-    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
-        return "int8"
-    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
-        return "fp16"
-    return "fp32"
-
-
-def _activation_quant_types(model: onnx.ModelProto) -> tuple[str, ...]:
-    """Element types of the QuantizeLinear zero points (the activations' integer type)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    kinds = set()
-    for node in model.graph.node:
-        if node.op_type == "QuantizeLinear" and len(node.input) >= 3 and node.input[2] in inits:
-            kinds.add(onnx.TensorProto.DataType.Name(inits[node.input[2]].data_type).lower())
-    return tuple(sorted(kinds))
-
-
-def read_onnx_info(path: str | Path) -> OnnxModelInfo:
-    """Input/output names and shapes, precision and sdr-edge metadata of an ONNX file."""
-    path = Path(path)
-    if not path.is_file():
-        raise EngineBuildError(f"ONNX model not found: {path}")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises DecodeError and friends
-        raise EngineBuildError(f"{path} is not a readable ONNX model: {exc}") from exc
-    inits = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1 or len(model.graph.output) != 1:
-        raise EngineBuildError(f"{path.name}: expected one input and one output, found "
-                               f"{len(inputs)} and {len(model.graph.output)}")
-    props = {p.key: p.value for p in model.metadata_props}
-    meta = None
-    if METADATA_KEY in props:
-        try:
-            meta = metadata_from_props(props, str(path))
-        except MetadataError as exc:
-            raise EngineBuildError(str(exc)) from exc
-    return OnnxModelInfo(
-        input_name=inputs[0].name, input_shape=_dims(inputs[0]),
-        output_name=model.graph.output[0].name, output_shape=_dims(model.graph.output[0]),
-        precision=meta.precision if meta else _precision_from_graph(model),
-        metadata=meta, activation_quant_types=_activation_quant_types(model),
-    )
-
-
-def check_tensorrt_compatible(info: OnnxModelInfo) -> None:
-    """TensorRT's explicit INT8 takes signed, symmetric QDQ only."""
-    if info.precision == "int8" and "uint8" in info.activation_quant_types:
+def check_tensorrt_compatible(graph: ModelGraph) -> None:
+    """One input and one output; TensorRT's explicit INT8 takes signed, symmetric QDQ only."""
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        raise EngineBuildError(f"{graph.path.name}: expected one input and one output, found "
+                               f"{len(graph.inputs)} and {len(graph.outputs)}")
+    if graph.metadata.precision == "int8" and "uint8" in graph.activation_quant_types:
         raise EngineBuildError(
             "this int8 ONNX model was quantized for ONNX Runtime on CPUs (uint8 activations); "
             "TensorRT takes int8 symmetric QDQ only: re-export it with `sdr-export onnx "
             "--precision int8 --int8-target tensorrt`"
         )
-    if len(info.input_shape) < 2:
-        raise EngineBuildError(f"input {info.input_name} has shape {info.input_shape}: "
+    inp = graph.inputs[0]
+    if len(inp.dims) < 2:
+        raise EngineBuildError(f"input {inp.name} has shape {inp.dims}: "
                                "expected a batch axis and image dimensions")
-    rest = info.input_shape[1:]
+    rest = inp.dims[1:]
     if not all(isinstance(d, int) and d > 0 for d in rest):
-        raise EngineBuildError(f"only the batch axis may be dynamic; input {info.input_name} "
-                               f"has shape {info.input_shape}")
+        raise EngineBuildError(f"only the batch axis may be dynamic; input {inp.name} "
+                               f"has shape {inp.dims}")
 
 
 def profile_shapes(input_shape: tuple[int | str, ...], min_batch: int | None,
@@ -222,19 +149,20 @@ def validate_options(opts: BuildOptions) -> None:
         raise EngineBuildError(f"--compare-images {opts.compare_images} is not a folder")
 
 
-def prepare_build(opts: BuildOptions) -> tuple[OnnxModelInfo, ProfileShapes]:
+def prepare_build(opts: BuildOptions) -> tuple[ModelGraph, ProfileShapes]:
     """Everything before TensorRT: options, the ONNX model's input, the batch profile."""
     validate_options(opts)
-    info = read_onnx_info(opts.onnx)
-    if info.metadata is None:
-        raise EngineBuildError(f"{opts.onnx.name} has no sdr-edge metadata (input spec, label "
-                               "names): export it with `sdr-export onnx` first")
-    check_tensorrt_compatible(info)
-    shapes = profile_shapes(info.input_shape, opts.min_batch, opts.opt_batch, opts.max_batch)
-    return info, shapes
+    try:
+        graph = read_model_graph(opts.onnx)
+    except ModelGraphError as exc:  # `sdr-export trt` reports EngineBuildError; same line
+        raise EngineBuildError(str(exc)) from exc
+    check_tensorrt_compatible(graph)
+    shapes = profile_shapes(graph.inputs[0].dims, opts.min_batch, opts.opt_batch,
+                            opts.max_batch)
+    return graph, shapes
 
 
-def engine_metadata(info: OnnxModelInfo, shapes: ProfileShapes, opts: BuildOptions,
+def engine_metadata(graph: ModelGraph, shapes: ProfileShapes, opts: BuildOptions,
                     onnx_sha256: str, tensorrt_version: str, gpu: dict,
                     engine_sha256: str = "", checks: list[dict] | None = None,
                     build_seconds: float | None = None,
@@ -246,10 +174,10 @@ def engine_metadata(info: OnnxModelInfo, shapes: ProfileShapes, opts: BuildOptio
         "builder": f"polygraphy {_polygraphy_version()}",
         "tensorrt_version": tensorrt_version,
         "gpu": gpu,
-        "precision": info.precision,
-        "input": {"name": info.input_name, "onnx_shape": list(info.input_shape),
+        "precision": graph.metadata.precision,
+        "input": {"name": graph.inputs[0].name, "onnx_shape": list(graph.inputs[0].dims),
                   "profile": shapes.to_dict()},
-        "output": {"name": info.output_name, "onnx_shape": list(info.output_shape)},
+        "output": {"name": graph.outputs[0].name, "onnx_shape": list(graph.outputs[0].dims)},
         "onnx": {"path": opts.onnx.name, "sha256": onnx_sha256},
         "engine_sha256": engine_sha256,
         "strongly_typed": True,
@@ -261,8 +189,7 @@ def engine_metadata(info: OnnxModelInfo, shapes: ProfileShapes, opts: BuildOptio
     }
     if build_seconds is not None:
         doc["build_seconds"] = round(build_seconds, 3)
-    if info.metadata is not None:
-        doc["model_metadata"] = info.metadata.to_dict()
+    doc["model_metadata"] = graph.metadata.to_dict()
     return doc
 
 
@@ -286,7 +213,7 @@ def _first_line(exc: BaseException) -> str:
     return "; ".join(lines[:3]) or type(exc).__name__
 
 
-def build_config(trt, info: OnnxModelInfo, shapes: ProfileShapes, opts: BuildOptions,
+def build_config(trt, graph: ModelGraph, shapes: ProfileShapes, opts: BuildOptions,
                  cache_path: Path | None = None):
     """polygraphy's `CreateConfig` for our options (precision flags stay off: strongly typed).
 
@@ -295,7 +222,8 @@ def build_config(trt, info: OnnxModelInfo, shapes: ProfileShapes, opts: BuildOpt
     """
     from polygraphy.backend.trt import CreateConfig, Profile
 
-    profile = Profile().add(info.input_name, min=shapes.min, opt=shapes.opt, max=shapes.max)
+    profile = Profile().add(graph.inputs[0].name, min=shapes.min, opt=shapes.opt,
+                            max=shapes.max)
     kwargs = {}
     if opts.hardware_compat != "none":
         kwargs["hardware_compatibility_level"] = getattr(trt.HardwareCompatibilityLevel,
@@ -309,14 +237,14 @@ def build_config(trt, info: OnnxModelInfo, shapes: ProfileShapes, opts: BuildOpt
     )
 
 
-def build_engine(trt, info: OnnxModelInfo, shapes: ProfileShapes, opts: BuildOptions,
+def build_engine(trt, graph: ModelGraph, shapes: ProfileShapes, opts: BuildOptions,
                  engine_path: Path, cache_path: Path | None) -> float:
     """Parse, build and save the engine (and the timing cache) with polygraphy; seconds taken."""
     from polygraphy.backend.trt import EngineFromNetwork, NetworkFromOnnxPath, SaveEngine
     from polygraphy.exception import PolygraphyException
 
     network = NetworkFromOnnxPath(str(opts.onnx), strongly_typed=True)
-    build = EngineFromNetwork(network, config=build_config(trt, info, shapes, opts, cache_path),
+    build = EngineFromNetwork(network, config=build_config(trt, graph, shapes, opts, cache_path),
                               save_timing_cache=str(cache_path) if cache_path else None)
     t0 = time.perf_counter()
     try:
@@ -329,21 +257,21 @@ def build_engine(trt, info: OnnxModelInfo, shapes: ProfileShapes, opts: BuildOpt
     return seconds
 
 
-def compare_engine(engine_path: Path, info: OnnxModelInfo, shapes: ProfileShapes,
+def compare_engine(engine_path: Path, graph: ModelGraph, shapes: ProfileShapes,
                    opts: BuildOptions) -> Comparison:
     """The saved engine (polygraphy `TrtRunner`) against our ONNX Runtime session on the ONNX."""
     from polygraphy.backend.trt import EngineFromPath, TrtRunner
 
     from sdr_edge.inference.runners import OrtRunner
 
-    spec = info.metadata.input_spec
+    spec = graph.metadata.input_spec
     x, where = comparison_inputs(spec, opts.sample_inputs, opts.seed, opts.compare_images)
     batches = make_batches(x, shapes.min[0], shapes.opt[0])
     ort = OrtRunner(opts.onnx)
     candidate = TrtRunner(EngineFromPath(str(engine_path)), name="tensorrt")
+    meta = graph.metadata
     result = compare_runners(candidate, reference_runner(ort.session), batches,
-                             info.input_name, info.precision, info.metadata.output_kind,
-                             "TensorRT")
+                             graph.inputs[0].name, meta.precision, meta.output_kind, "TensorRT")
     result.report["inputs_from"] = where
     return result
 
@@ -367,7 +295,7 @@ def build_and_verify(opts: BuildOptions) -> dict:
     """
     from sdr_edge.inference.cuda_device import quiet_polygraphy, require_tensorrt_and_gpu
 
-    info, shapes = prepare_build(opts)
+    graph, shapes = prepare_build(opts)
     check_engine_output(opts.out)
     trt, gpu = require_tensorrt_and_gpu("`sdr-export trt`")
     quiet_polygraphy()
@@ -377,14 +305,14 @@ def build_and_verify(opts: BuildOptions) -> dict:
     try:
         staged = stage / opts.out.name
         staged_cache = _stage_cache(opts, stage)
-        build_seconds = build_engine(trt, info, shapes, opts, staged, staged_cache)
+        build_seconds = build_engine(trt, graph, shapes, opts, staged, staged_cache)
         if staged_cache is not None and staged_cache.is_file():
             opts.timing_cache.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged_cache, opts.timing_cache)
             log.info("timing cache: saved %s", opts.timing_cache)
-        comparison = compare_engine(staged, info, shapes, opts)
-        raise_on_failure(f"TensorRT {info.precision} engine", comparison.checks)
-        doc = engine_metadata(info, shapes, opts, onnx_sha, trt.__version__, gpu.to_dict(),
+        comparison = compare_engine(staged, graph, shapes, opts)
+        raise_on_failure(f"TensorRT {graph.metadata.precision} engine", comparison.checks)
+        doc = engine_metadata(graph, shapes, opts, onnx_sha, trt.__version__, gpu.to_dict(),
                               sha256_file(staged), build_seconds=build_seconds,
                               checks=[c.to_dict() for c in comparison.checks],
                               comparison=comparison.report)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from fixtures_export import trained_digits, write_digit_pngs
 
@@ -28,6 +29,7 @@ from sdr_edge.export.engine_compare import (
     reference_runner,
 )
 from sdr_edge.export.onnx_export import attach_metadata
+from sdr_edge.export.onnx_graph import read_model_graph
 from sdr_edge.export.parity import ParityError, raise_on_failure
 from sdr_edge.export.pipeline import ExportOptions, export_model
 from sdr_edge.export.quantize import convert_fp16, quantize_int8
@@ -38,7 +40,6 @@ from sdr_edge.export.tensorrt_build import (
     engine_metadata,
     prepare_build,
     profile_shapes,
-    read_onnx_info,
     validate_options,
 )
 from sdr_edge.inference.cuda_device import (
@@ -127,17 +128,18 @@ def test_profile_shapes_defaults_explicit_and_invalid():
 
 
 def test_reads_the_onnx_input_and_refuses_cpu_int8(onnx_models):
-    info = read_onnx_info(onnx_models["fp32"])
-    assert info.input_name == "input" and info.output_name == "logits"
-    assert info.input_shape[1:] == (1, 16, 16) and isinstance(info.input_shape[0], str)
-    assert info.output_shape[1:] == (10,)
-    assert info.precision == "fp32" and info.metadata == onnx_models["meta"]
+    info = read_model_graph(onnx_models["fp32"])
+    (inp,), (out,) = info.inputs, info.outputs
+    assert inp.name == "input" and out.name == "logits"
+    assert inp.dims[1:] == (1, 16, 16) and isinstance(inp.dims[0], str)
+    assert out.dims[1:] == (10,)
+    assert info.metadata.precision == "fp32" and info.metadata == onnx_models["meta"]
     check_tensorrt_compatible(info)
-    cpu = read_onnx_info(onnx_models["int8_cpu"])
-    assert cpu.precision == "int8" and "uint8" in cpu.activation_quant_types
+    cpu = read_model_graph(onnx_models["int8_cpu"])
+    assert cpu.metadata.precision == "int8" and "uint8" in cpu.activation_quant_types
     with pytest.raises(EngineBuildError, match="--int8-target tensorrt"):
         check_tensorrt_compatible(cpu)
-    trt_ready = read_onnx_info(onnx_models["int8_tensorrt"])
+    trt_ready = read_model_graph(onnx_models["int8_tensorrt"])
     assert trt_ready.activation_quant_types == ("int8",)
     check_tensorrt_compatible(trt_ready)
 
@@ -145,7 +147,7 @@ def test_reads_the_onnx_input_and_refuses_cpu_int8(onnx_models):
 def test_option_checks_need_no_tensorrt(onnx_models, tmp_path):
     fp32 = onnx_models["fp32"]
     info, shapes = prepare_build(_opts(fp32, max_batch=16))
-    assert shapes.max[0] == 16 and info.precision == "fp32"
+    assert shapes.max[0] == 16 and info.metadata.precision == "fp32"
     for kw, message in [({"hardware_compat": "turing+"}, "unknown --hardware-compat"),
                         ({"workspace_mb": 0}, "--workspace-mb must be >= 1"),
                         ({"sample_inputs": 0}, "at least one sample input"),
@@ -163,6 +165,21 @@ def test_option_checks_need_no_tensorrt(onnx_models, tmp_path):
         prepare_build(_opts(onnx_models["int8_cpu"]))
     with pytest.raises(EngineBuildError, match="min <= opt <= max"):
         prepare_build(_opts(fp32, min_batch=8, max_batch=4))
+
+
+def test_the_builder_reads_through_the_one_reader_and_keeps_its_error_type(onnx_models,
+                                                                          tmp_path):
+    two_outputs = onnx.load(str(onnx_models["fp32"]))
+    two_outputs.graph.output.extend([two_outputs.graph.output[0]])  # the logits twice
+    onnx.save(two_outputs, str(tmp_path / "two.onnx"))
+    with pytest.raises(EngineBuildError, match="two.onnx: expected one input and one output, "
+                                               "found 1 and 2"):
+        prepare_build(_opts(tmp_path / "two.onnx"))
+    bare = onnx.load(str(onnx_models["fp32"]))
+    del bare.metadata_props[:]
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    with pytest.raises(EngineBuildError, match=r"bare\.onnx has no 'sdr_edge' metadata"):
+        prepare_build(_opts(tmp_path / "bare.onnx"))
 
 
 def test_engine_metadata_round_trips(onnx_models, tmp_path):
