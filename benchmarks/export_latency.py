@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from small_classifier import SIZE, train_small_classifier  # benchmarks/, beside this file
 from tqdm import tqdm
 
 from sdr_edge.data.preprocess import InputSpec, normalize_batch
@@ -42,40 +42,15 @@ from sdr_edge.export.parity import ParityError
 from sdr_edge.export.pipeline import ExportOptions, export_model
 from sdr_edge.export.quantize import quantize_int8
 from sdr_edge.inference.runners import OrtRunner
-from sdr_edge.models import Backbone, BackboneConfig, SubnetModel
-
-SIZE = 28
+from sdr_edge.models import SubnetModel
 
 
-def train_model(n_train: int, epochs: int, seed: int) -> tuple[SubnetModel, InputSpec, float]:
-    """A quick supervised small-preset classifier (enough for meaningful int8 checks)."""
-    src = load_source("fashion-mnist:train", SIZE, 1, limit=n_train, seed=seed)
-    mean, std = src.channel_stats()
-    spec = InputSpec(SIZE, 1, mean, std, src.label_names)
-    x = torch.from_numpy(normalize_batch(src.images, spec))
-    y = torch.from_numpy(src.labels)
-    torch.manual_seed(seed)
-    model = SubnetModel(Backbone(BackboneConfig.preset("small", in_channels=1)), 10)
-    opt = torch.optim.Adam(model.parameters(), 2e-3)
-    steps = epochs * ((n_train + 127) // 128)
-    bar = tqdm(total=steps, desc="train small@28px", file=sys.stderr)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(n_train)
-        for i in range(0, n_train, 128):
-            idx = perm[i:i + 128]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    model.eval()
+def fp32_test_accuracy(model: SubnetModel, spec: InputSpec, seed: int) -> float:
+    """Top-1 of the fp32 PyTorch model on 2,000 fashion-mnist:test images."""
     test = load_source("fashion-mnist:test", SIZE, 1, limit=2000, seed=seed)
     with torch.inference_mode():
         pred = model(torch.from_numpy(normalize_batch(test.images, spec))).argmax(1).numpy()
-    return model, spec, float((pred == test.labels).mean())
+    return float((pred == test.labels).mean())
 
 
 def interleaved_times(fns: dict[str, Callable[[], object]], reps: int, warmup: int,
@@ -192,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (60 if args.quick else 200)
     t0 = time.time()
     torch.set_num_threads(args.threads)  # small convolutions: extra threads mostly contend
-    model, spec, acc = train_model(n_train, epochs, args.seed)
+    model, spec = train_small_classifier(n_train, epochs, args.seed)
+    acc = fp32_test_accuracy(model, spec, args.seed)
     calib, eval_source = "fashion-mnist:train", "fashion-mnist:test"
     result: dict = {
         "benchmark": "export_latency",

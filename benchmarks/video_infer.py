@@ -33,41 +33,18 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
+from small_classifier import SIZE, train_small_classifier  # benchmarks/, beside this file
 
-from sdr_edge.data.preprocess import InputSpec, normalize_batch
+from sdr_edge.data.preprocess import InputSpec
 from sdr_edge.data.sources import load_source
 from sdr_edge.export.parity import ParityError
 from sdr_edge.export.pipeline import ExportOptions, export_model
 from sdr_edge.inference.runners import OrtRunner
 from sdr_edge.inference.video import infer_video, iter_frames, open_capture
-from sdr_edge.models import Backbone, BackboneConfig, SubnetModel
+from sdr_edge.models import SubnetModel
 
-SIZE = 28
 FRAME = 64
 BATCHES = (1, 8)
-
-
-def train_model(n_train: int, epochs: int, seed: int) -> tuple[SubnetModel, InputSpec]:
-    """A quick supervised small-preset classifier (int8's agreement check needs a real one)."""
-    src = load_source("fashion-mnist:train", SIZE, 1, limit=n_train, seed=seed)
-    mean, std = src.channel_stats()
-    spec = InputSpec(SIZE, 1, mean, std, src.label_names)
-    x = torch.from_numpy(normalize_batch(src.images, spec))
-    y = torch.from_numpy(src.labels)
-    torch.manual_seed(seed)
-    model = SubnetModel(Backbone(BackboneConfig.preset("small", in_channels=1)), 10)
-    opt = torch.optim.Adam(model.parameters(), 2e-3)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(n_train)
-        for i in range(0, n_train, 128):
-            idx = perm[i:i + 128]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval(), spec
 
 
 def write_video(path: Path, frames: int, seed: int) -> Path:
@@ -127,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     load_before = os.getloadavg()
-    model, spec = train_model(n_train, epochs, args.seed)
+    model, spec = train_small_classifier(n_train, epochs, args.seed)
     result: dict = {
         "benchmark": "video_infer",
         "model": {"backbone": "small preset (widths 16-32-64-128)", "input": f"{SIZE}x{SIZE}x1",

@@ -1,16 +1,13 @@
-"""`sdr-export`: onnx (fp32 / fp16 / int8) and trt (TensorRT engines)."""
+"""`sdr-export`: onnx (fp32 / fp16 / int8), trt (TensorRT engines), triton and deepstream
+(serving configs)."""
 
 from __future__ import annotations
 
 from sdr_edge.cli import run_cli
 
-# Module names from this package's own name (repository layout or installed name).
-COMMANDS = {
-    "onnx": f"{__package__}.onnx_cmd",
-    "trt": f"{__package__}.trt_cmd",
-    "triton": f"{__package__}.triton_cmd",
-    "deepstream": f"{__package__}.deepstream_cmd",
-}
+# Module names from this package's own name (repository layout or installed name):
+# sub-command `x` lives in `<package>.x_cmd`.
+COMMANDS = {name: f"{__package__}.{name}_cmd" for name in ("onnx", "trt", "triton", "deepstream")}
 
 
 def main(argv: list[str] | None = None) -> int:
