@@ -116,19 +116,39 @@ def finetune_accuracy(backbone: Backbone, spec: InputSpec, x_tr: np.ndarray, y_t
     return evaluate_local(model, x_te, y_te, spec).accuracy
 
 
+def task_split(task: TaskSpec, spec: InputSpec, seed: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A task's seeded image cap and train/test split, as every model of the bench sees it:
+    (x_train, y_train, x_test, y_test)."""
+    source = load_source(task.source, spec.image_size, spec.channels, limit=task.limit, seed=seed)
+    tr, te = split_task(source, TEST_FRACTION, seed)
+    return source.images[tr], source.labels[tr], source.images[te], source.labels[te]
+
+
+def probe_on(model: Backbone, spec: InputSpec, split: tuple[np.ndarray, ...], seed: int) -> float:
+    """Linear-probe accuracy of frozen `model` on a `task_split`."""
+    x_tr, y_tr, x_te, y_te = split
+    return linear_probe_accuracy(extract_features(model, x_tr, spec), y_tr,
+                                 extract_features(model, x_te, spec), y_te, seed=seed)
+
+
+def unified_probe(unified_run: Path, task: TaskSpec, seed: int) -> float:
+    """The unified model's linear-probe accuracy on one task split."""
+    model, spec = load_teacher(unified_run)
+    return probe_on(model, spec, task_split(task, spec, seed), seed)
+
+
 def evaluate_task(task: TaskSpec, runs: dict[str, Path], budget: Budget, out: Path,
                   seed: int, plots: bool = True) -> dict:
     """One seed's numbers on one task: unified, and per SDRnet (K = 16, 256) the routed sub-net
     beside its controls (the run's phase-0 teacher, R random routes, the lowest-scored route)."""
     unified, spec = load_teacher(runs["unified"])
-    source = load_source(task.source, spec.image_size, spec.channels, limit=task.limit, seed=seed)
-    tr, te = split_task(source, TEST_FRACTION, seed)
-    x_tr, x_te, y_tr, y_te = source.images[tr], source.images[te], source.labels[tr], source.labels[te]
-    n_cls = int(source.labels.max()) + 1
-    row: dict = {"task": task.name, "source": task.source, "seed": seed, "train_images": len(tr),
-                 "test_images": len(te), "classes": n_cls}
-    f_tr, f_te = extract_features(unified, x_tr, spec), extract_features(unified, x_te, spec)
-    u_probe = linear_probe_accuracy(f_tr, y_tr, f_te, y_te, seed=seed)
+    split = task_split(task, spec, seed)
+    x_tr, y_tr, x_te, y_te = split
+    n_cls = int(max(y_tr.max(), y_te.max())) + 1
+    row: dict = {"task": task.name, "source": task.source, "seed": seed, "train_images": len(x_tr),
+                 "test_images": len(x_te), "classes": n_cls}
+    u_probe = probe_on(unified, spec, split, seed)
     u_ft = finetune_accuracy(unified, spec, x_tr, y_tr, x_te, y_te, n_cls, budget, seed)
     row["unified"] = {"probe": u_probe, "finetune": u_ft,
                       "finetune_minus_probe_points": 100.0 * (u_ft - u_probe)}

@@ -32,12 +32,18 @@ import torch
 
 from sdr_edge.artifacts.atomic import atomic_write_text
 from sdr_edge.artifacts.run_dir import load_codes, load_sdrnet, load_teacher
-from sdr_edge.bench.budgets import Budget, TaskSpec, tasks, train_config_dict
-from sdr_edge.bench.paper_claim import TEST_FRACTION, BenchError, fmt, interval, resolve_budget
+from sdr_edge.bench.budgets import Budget, tasks, train_config_dict
+from sdr_edge.bench.paper_claim import (
+    TEST_FRACTION,
+    BenchError,
+    fmt,
+    interval,
+    resolve_budget,
+    unified_probe,
+)
 from sdr_edge.data.sources import load_source
 from sdr_edge.models.sdrnet import RoutedStage
-from sdr_edge.routing.evaluate import evaluate_routing, split_task
-from sdr_edge.routing.probe import extract_features, linear_probe_accuracy
+from sdr_edge.routing.evaluate import evaluate_routing
 from sdr_edge.training.config import config_from_dict
 from sdr_edge.training.pipeline import train
 
@@ -197,15 +203,6 @@ def expert_spread(run: Path) -> list[float]:
 
 
 # ----- evaluation -------------------------------------------------------------------------------
-
-def unified_probe(unified_run: Path, task: TaskSpec, seed: int) -> float:
-    model, spec = load_teacher(unified_run)
-    source = load_source(task.source, spec.image_size, spec.channels, limit=task.limit, seed=seed)
-    tr, te = split_task(source, TEST_FRACTION, seed)
-    f_tr = extract_features(model, source.images[tr], spec)
-    f_te = extract_features(model, source.images[te], spec)
-    return linear_probe_accuracy(f_tr, source.labels[tr], f_te, source.labels[te], seed=seed)
-
 
 def evaluate_recipe(run: Path, unified: dict[str, float], budget: Budget, seed: int) -> dict:
     """One (recipe, seed): per task the routed sub-net and its controls, plus the diagnostics."""
