@@ -178,7 +178,8 @@ def summarize(records: list[dict]) -> dict:
     * pretrain_std: std over runs at the same split and fine-tune seed, averaged over those;
     * split_std: std over split seeds (records whose fine-tune seed equals the split seed, so
       the fine-tune seed moves too), averaged over runs: the test set's share plus the recipe's.
-    Duplicate keys (the same run, task, seeds and method from two files) count once.
+    Duplicate keys (the same run, task, seeds and method from two files) count once. `mean` is
+    over all of a method's cells, `mean_common` over the cells every method of the task ran.
     """
     unique: dict[tuple, dict] = {}
     for r in records:
@@ -206,6 +207,13 @@ def summarize(records: list[dict]) -> dict:
             paired = [v - probe[k] for k, v in pts.items() if k in probe]
             entry["minus_probe"] = round(float(np.mean(paired)), 2) if paired else None
         out.setdefault(task, {})[method] = entry
+    for task, row in out.items():  # recipes compared on the same (run, split, seed) cells
+        keys = [{(r["run"], r["split_seed"], r["seed"]) for r in by[(task, m)]} for m in row]
+        common = set.intersection(*keys)
+        for method, entry in row.items():
+            vals = [100 * r["accuracy"] for r in by[(task, method)]
+                    if (r["run"], r["split_seed"], r["seed"]) in common]
+            entry["mean_common"], entry["n_common"] = round(float(np.mean(vals)), 2), len(vals)
     return out
 
 
@@ -227,18 +235,21 @@ def verdict(summary: dict) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    """The README table: one row per task and recipe."""
+    """The README table: one row per task and recipe; probe and fine-tune are means over the
+    cells every method ran (the fine-tune-seed cells), spreads as in `summarize`."""
     def cell(v: float | None) -> str:
         return "–" if v is None else f"{v:.1f}"
     lines = ["| task | recipe | probe | fine-tune ± std over fine-tune seeds | − probe "
              "| std over pre-training | std over splits |", "|---|---|---|---|---|---|---|"]
     for task, row in summary.items():
-        probe = row.get("probe", {}).get("mean")
+        probe = row.get("probe", {}).get("mean_common")
         for recipe, e in row.items():
             if recipe == "probe":
                 continue
-            lines.append(f"| {task} | {recipe} | {cell(probe)} | {e['mean']:.1f} ± "
-                         f"{cell(e['finetune_seed_std'])} | {e['minus_probe']:+.1f} | "
+            gap = None if probe is None else e["mean_common"] - probe
+            lines.append(f"| {task} | {recipe} | {cell(probe)} | {e['mean_common']:.1f} ± "
+                         f"{cell(e['finetune_seed_std'])} | "
+                         f"{'–' if gap is None else f'{gap:+.1f}'} | "
                          f"{cell(e['pretrain_std'])} | {cell(e['split_std'])} |")
     return "\n".join(lines)
 

@@ -46,6 +46,7 @@ def test_summary_separates_finetune_seed_pretraining_and_split_spread(bench):
         *[_rec("a", s, s, "probe", 0.80) for s in (1, 2)],
     ]
     row = bench.summarize(records)["t"]["new"]
+    assert row["mean_common"] == row["mean"] == pytest.approx(91.83)  # probe ran every cell
     assert row["n"] == 6  # the duplicate counts once
     assert row["finetune_seed_std"] == pytest.approx(1.0) and row["finetune_seed_groups"] == 1
     assert row["pretrain_std"] == pytest.approx(2.83) and row["pretrain_groups"] == 1
@@ -54,8 +55,11 @@ def test_summary_separates_finetune_seed_pretraining_and_split_spread(bench):
                                                / 6 - 80, abs=0.01)
     verdict = bench.verdict(bench.summarize(records))["new"]
     assert verdict["max_finetune_seed_std"] == pytest.approx(1.0) and verdict["holds"]
+    # a second recipe on run a's fixed split only: the table compares on those three cells
+    records += [_rec("a", 0, s, "new-warmup", v) for s, v in enumerate((0.80, 0.81, 0.82))]
     table = bench.markdown(bench.summarize(records)).splitlines()
-    assert table[2] == "| t | new | 80.0 | 91.8 ± 1.0 | +11.8 | 2.8 | 4.0 |"
+    assert table[2:] == ["| t | new | 80.0 | 91.0 ± 1.0 | +11.0 | 2.8 | 4.0 |",
+                         "| t | new-warmup | 80.0 | 81.0 ± 1.0 | +1.0 | – | – |"]
 
 
 def test_runs_merge_across_invocations_and_reproduce_per_seed(bench, tmp_path, one_thread,
