@@ -1,7 +1,7 @@
 """Budget-pruned federation: the ServerApp cuts the routed sub-net to a MACs target before
 FedAvg, nodes rebuild the pruned widths from the weights they receive, and the signed result
-exports to ONNX like any bundle. In-process (LocalGrid) for the details, then once on the
-Deployment Engine with real SuperNodes.
+exports to ONNX like any bundle. In-process (LocalGrid) here; the same run on the Deployment
+Engine with real SuperNodes shares the end-to-end fleet (test_federation_e2e.py).
 """
 
 from __future__ import annotations
@@ -12,56 +12,22 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord
-from helpers_flower import Fleet, digits_node
+from helpers_flower import digits_node
+from helpers_pruned import LIMIT, RATIO, check_pruned_bundle, run_config, unpruned
 
-from sdr_edge.artifacts.bundle import load_bundle
-from sdr_edge.artifacts.run_dir import load_sdrnet
-from sdr_edge.artifacts.signing import load_public_key
 from sdr_edge.federated.client_app import app
 from sdr_edge.federated.config import FederationConfig, FederationConfigError
 from sdr_edge.federated.node_data import NodeDataConfig, load_node_data
 from sdr_edge.federated.records import describe_model, model_from_message, model_to_arrays
 from sdr_edge.federated.server_flow import run_federation
 from sdr_edge.federated.testing import LocalGrid, server_identity
-from sdr_edge.models.classifier import SubnetModel
-from sdr_edge.pruning import channel_widths, count_macs_params, example_input
+from sdr_edge.pruning import channel_widths, example_input
 from sdr_edge.training.finetune import evaluate_local
-
-ROUTE = "1,2,0,3"
-RATIO = 0.5
-LIMIT = 800  # digits per node before the split: one 3-epoch round learns visibly
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_thread):
     """Every test here trains: one torch thread (conftest)."""
-
-
-def run_config(assets, out, **extra) -> dict:
-    return {"run-dir": str(assets["run_dir"]), "signing-key": str(assets["key"]),
-            "out-dir": str(out), "route": ROUTE, "num-server-rounds": 1,
-            "prune-macs-ratio": RATIO, **extra}
-
-
-def unpruned(assets) -> tuple[SubnetModel, object]:
-    net, spec = load_sdrnet(assets["run_dir"])
-    return SubnetModel(net.extract(tuple(int(r) for r in ROUTE.split(","))), 10).eval(), spec
-
-
-def check_pruned_bundle(assets, out) -> tuple[object, dict]:
-    """The bundle verifies, is smaller than the routed sub-net by the target, and its
-    provenance names the widths it holds."""
-    bundle = load_bundle(out / "bundle", load_public_key(assets["pub"]))
-    full, spec = unpruned(assets)
-    macs_full, _ = count_macs_params(full, example_input(spec))
-    macs, _ = count_macs_params(bundle.model, example_input(spec))
-    assert macs <= RATIO * macs_full
-    pruned = bundle.manifest["provenance"]["federated"]["pruned"]
-    assert pruned["target_macs_ratio"] == RATIO and pruned["macs_after"] == macs
-    assert pruned["channel_widths"] == channel_widths(bundle.model)
-    assert sum(channel_widths(bundle.model).values()) < sum(channel_widths(full).values())
-    assert bundle.model.head.out_features == 10  # the head is never pruned
-    return bundle, pruned
 
 
 def test_local_grid_fine_tunes_the_pruned_subnet_and_it_exports(assets, tmp_path, capsys):
@@ -121,26 +87,3 @@ def test_prune_macs_ratio_is_checked_by_name(ratio):
     with pytest.raises(FederationConfigError, match="prune-macs-ratio"):
         FederationConfig.from_run_config({"run-dir": "r", "signing-key": "k",
                                           "prune-macs-ratio": ratio})
-
-
-@pytest.mark.slow
-def test_real_supernodes_fine_tune_the_pruned_subnet(assets, tmp_path):
-    fleet = Fleet(tmp_path / "fleet")
-    try:
-        fleet.start_superlink()
-        for i in range(2):
-            fleet.start_supernode(f"supernode-{i}",
-                                  digits_node(i, 2, assets["kit_dir"], limit=LIMIT))
-        fleet.wait_for_nodes(2, timeout=120)
-        out = tmp_path / "out"
-        streamed = fleet.run_app(run_config(assets, out, **{
-            "round-timeout": 120.0, "node-wait-timeout": 60.0}))
-        status = fleet.final_status()
-        assert status["status"] == "finished:completed", \
-            f"{status}\n{streamed}\n{fleet.all_logs()}"
-    finally:
-        fleet.close()
-    rounds = {r["round"]: r for r in json.loads((out / "summary.json").read_text())["rounds"]}
-    assert rounds[1]["train_ok"] == 2
-    assert rounds[1]["eval-accuracy"] > rounds[0]["eval-accuracy"] + 0.04, rounds
-    check_pruned_bundle(assets, out)
