@@ -74,7 +74,8 @@ def test_tls_and_supernode_authentication_on_loopback(tmp_path, tmp_path_factory
         out_dir = tmp_path / "out"
         streamed = fleet.run_app({"run-dir": str(assets["run_dir"]),
                                   "signing-key": str(assets["key"]), "out-dir": str(out_dir),
-                                  "num-server-rounds": 1, "min-nodes": 1, "min-round-nodes": 1,
+                                  "num-server-rounds": 1, "local-epochs": 1,  # TLS, not accuracy
+                                  "min-nodes": 1, "min-round-nodes": 1,
                                   "evaluate-start": False, "round-timeout": 120.0,
                                   "node-wait-timeout": 60.0})
         status = fleet.final_status()
