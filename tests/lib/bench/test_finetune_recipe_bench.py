@@ -55,6 +55,7 @@ def test_summary_separates_finetune_seed_pretraining_and_split_spread(bench):
                                                / 6 - 80, abs=0.01)
     verdict = bench.verdict(bench.summarize(records))["new"]
     assert verdict["max_finetune_seed_std"] == pytest.approx(1.0) and verdict["holds"]
+    assert verdict["pooled_finetune_seed_std"] == pytest.approx(1.0) and verdict["tasks"] == 1
     # a second recipe on run a's fixed split only: the table compares on those three cells
     records += [_rec("a", 0, s, "new-warmup", v) for s, v in enumerate((0.80, 0.81, 0.82))]
     table = bench.markdown(bench.summarize(records)).splitlines()
