@@ -76,7 +76,7 @@ def with_current_defaults(identity: Any) -> Any:
     if not isinstance(identity, dict) or not isinstance(identity.get("config"), dict):
         return identity
     try:
-        config = config_from_dict(identity["config"]).to_dict()
+        config = run_identity(config_from_dict(identity["config"]))
     except (ConfigError, ValueError, TypeError):
         return identity
     return json.loads(json.dumps({**identity, "config": config}))

@@ -16,7 +16,7 @@ from sdr_edge.models.resnet import Backbone, BackboneConfig
 from sdr_edge.models.sdrnet import RoutedStage, SDRnet
 from sdr_edge.ssl.heads import SimSiamHeads
 from sdr_edge.training.config import SSLConfig, config_from_dict
-from sdr_edge.training.pipeline import train, with_current_defaults
+from sdr_edge.training.pipeline import run_identity, train, with_current_defaults
 from sdr_edge.training.siamese import SiameseNet, make_optimizer, set_cosine_lr
 
 
@@ -81,7 +81,7 @@ def test_unknown_expert_lr_is_refused_naming_the_key():
 
 def test_a_run_identity_from_before_a_key_existed_matches_at_the_keys_default():
     cfg = config_from_dict(tiny_train_config())
-    current = json.loads(json.dumps({"kind": "sdr", "config": cfg.to_dict()}))
+    current = json.loads(json.dumps({"kind": "sdr", "config": run_identity(cfg)}))
     old = copy.deepcopy(current)
     del old["config"]["schedule"]["expert_lr"]
     assert with_current_defaults(old) == current
