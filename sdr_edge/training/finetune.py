@@ -9,7 +9,8 @@ against probe 85.0 / 88.0 % and old recipe 70.1 +- 1.9 / 75.3 +- 15.3 %.
 * AdamW with a per-step schedule: optional linear warm-up (a fraction of *this call's* steps,
   off by default, so a one-epoch federated round is never all warm-up), then cosine decay;
 * two parameter groups, head at `lr` and backbone at `lr * backbone_lr_scale` (1.0 measured
-  best with AdamW: 0.25 lost 0.5-1.8 points);
+  best with AdamW: 0.25 lost 0.5-1.8 points on footwear-3 and digits, 2-14 on the mixed-pool
+  glyph and fashion tasks, README "Is fine-tuning stable?");
 * light augmentation (small shift and zoom; horizontal flip only when asked: it changes
   digits and letters); on footwear-3 it neither helped nor hurt (94.4 without), kept as a
   guard against over-fitting longer runs;
