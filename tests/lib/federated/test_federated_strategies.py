@@ -86,7 +86,11 @@ def test_trimmed_mean_holds_against_a_scaled_node_where_fedavg_collapses(assets,
     """One of four nodes (non-IID, Dirichlet 0.5) returns its weights x 10 every round.
 
     Measured when written (logit-adjust 0): clean FedAvg 0.397, attacked FedAvg 0.111, attacked
-    FedTrimmedAvg 0.408 (FedMedian 0.408, MultiKrum 0.414): all 1797 digits, tiny run."""
+    FedTrimmedAvg 0.408 (FedMedian 0.408, MultiKrum 0.414): all 1797 digits, tiny run. With
+    logit-adjust 1.0 (the default since): clean 0.758-0.764 and trimmed 0.736 in five runs (the
+    local grid's threads make the clean run vary slightly). The trimmed mean drops the extreme
+    honest values too, so it may sit a few points under clean FedAvg; what it must do is hold
+    where FedAvg collapses to chance."""
     common = {"num-server-rounds": 3, "local-epochs": 2, "limit": 0}
     clean = federate(assets, tmp_path / "clean", alpha=0.5, **common)["final_accuracy"]
     attacked = ByzantineApp(app, {0}, "scale")
@@ -95,7 +99,7 @@ def test_trimmed_mean_holds_against_a_scaled_node_where_fedavg_collapses(assets,
     robust = federate(assets, tmp_path / "trimmed", client=ByzantineApp(app, {0}, "scale"),
                       alpha=0.5, strategy="fedtrimmedavg", **common)["final_accuracy"]
     assert clean > 0.3, clean  # chance is 0.1 on ten digits
-    assert robust >= clean - 0.02, (clean, robust)
+    assert robust >= clean - 0.05, (clean, robust)
     assert fedavg < clean - 0.2, (clean, fedavg)
 
 
