@@ -87,7 +87,7 @@ def test_trimmed_mean_holds_against_a_scaled_node_where_fedavg_collapses(assets,
 
     Measured when written (logit-adjust 0): clean FedAvg 0.397, attacked FedAvg 0.111, attacked
     FedTrimmedAvg 0.408 (FedMedian 0.408, MultiKrum 0.414): all 1797 digits, tiny run. With
-    logit-adjust 1.0 (the default since): clean 0.758-0.764 and trimmed 0.736 in five runs (the
+    logit-adjust 1.0 (the default since): clean 0.758-0.764 and trimmed 0.736 in five failing runs (the
     local grid's threads make the clean run vary slightly). The trimmed mean drops the extreme
     honest values too, so it may sit a few points under clean FedAvg; what it must do is hold
     where FedAvg collapses to chance."""
