@@ -12,8 +12,8 @@ the frozen linear probe and each fine-tune recipe as mean ± std over the seeds.
 head initialisation, batch order and augmentation; with --vary-split it also draws the task's
 image subset and its split, as each seed of `sdr-server bench` does. `old` is the recipe the
 bench used before (3 epochs, constant lr 0.05 on every weight, random head, BatchNorm in train
-mode, no augmentation); `new` is `FineTuneConfig()`'s defaults; the other names change one or
-two things of `new`. Prints JSON with the load average, since the machine may be shared.
+mode, no augmentation); `new` is `FineTuneConfig()`'s defaults before warm-up became one (no
+warm-up), `default` today's (= `new-warmup`); the other names change one or two things of `new`. Prints JSON with the load average, since the machine may be shared.
 
 Every accuracy is also kept as a record keyed by (run, task, split seed, fine-tune seed), so
 `--summarize` can merge several invocations and split the spread into its sources: std over
@@ -50,8 +50,11 @@ from sdr_edge.training.finetune import (  # noqa: E402
     train_local,
 )
 
-NEW = FineTuneConfig()
+# The recipes as measured before warm-up became the default (the "new" of runs/finetune_stability
+# and of the README's stability table): FineTuneConfig() without warm-up.
+NEW = replace(FineTuneConfig(), warmup_fraction=0.0)
 RECIPES: dict[str, FineTuneConfig] = {
+    "default": FineTuneConfig(),  # today's defaults (= new-warmup)
     "old": FineTuneConfig(epochs=3, lr=0.05, batch_size=64, weight_decay=5e-4,
                           schedule="constant", backbone_lr_scale=1.0, probe_init=False,
                           bn="train", augment=False),
