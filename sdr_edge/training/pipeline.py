@@ -79,7 +79,7 @@ def with_current_defaults(identity: Any) -> Any:
         config = run_identity(config_from_dict(identity["config"]))
     except (ConfigError, ValueError, TypeError):
         return identity
-    return json.loads(json.dumps({**identity, "config": config}))
+    return {**identity, "config": config}
 
 
 class RunConflictError(SdrEdgeError, ValueError):
@@ -157,8 +157,9 @@ def _first_difference(a: Any, b: Any, path: str = "", where: str = "the checkpoi
 def run_identity(cfg: TrainConfig) -> dict[str, Any]:
     """The config a checkpoint must match to be resumed: all of it except how images are
     loaded ([data] workers, pin_memory, prefetch), which changes speed, never the pixels, and
-    the [train] timeouts (a run that timed out resumes with a longer one)."""
-    raw = cfg.to_dict()
+    the [train] timeouts (a run that timed out resumes with a longer one). As JSON reads it
+    back (tuples as lists), so it compares equal to the one a checkpoint stored."""
+    raw = json.loads(json.dumps(cfg.to_dict()))
     raw["data"] = {k: v for k, v in raw.get("data", {}).items()
                    if k not in ("workers", "pin_memory", "prefetch")}
     raw["train"] = {k: v for k, v in raw.get("train", {}).items()
@@ -187,7 +188,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir, enabled=self.env.is_main)
         self.tracker = RunTracker(self.run_dir, cfg, enabled=self.env.is_main)
         self.order = phase_order(len(cfg.routing.branching), unified)
-        self.identity = json.loads(json.dumps({"kind": self.kind, "config": run_identity(cfg)}))
+        self.identity = {"kind": self.kind, "config": run_identity(cfg)}
         self.ckpt: Checkpoint | None = None
         self.artifacts: dict[str, str] = {}  # sha256 of the run-dir files this run wrote
 
