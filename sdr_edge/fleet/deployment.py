@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -209,13 +210,24 @@ class Fleet(ProcessGroup):
         self.procs["flwr-run"] = proc
         return proc, lines
 
-    def final_status(self, timeout: float = 60) -> dict:
-        """The (only) run's row from `flwr ls --format json` once it has finished."""
+    def final_status(self, timeout: float = 60, streamed: str | None = None) -> dict:
+        """A run's row from `flwr ls --format json` once it has finished: the last run's, or,
+        given `streamed` (the output of `flwr run`), the row of the run it started, found by
+        the id it printed (a fleet that served several runs lists them all)."""
+        run_id = None
+        if streamed is not None:
+            match = re.search(r"Successfully started run (\d+)", streamed)
+            if match is None:
+                raise FleetError(f"flwr run printed no run id:\n{streamed}")
+            run_id = match.group(1)
         deadline = time.monotonic() + timeout
         while True:
             runs = self.flwr_json("ls", CONNECTION).get("runs", [])
+            if run_id is not None:
+                runs = [r for r in runs if str(r.get("run-id")) == run_id]
             if runs and str(runs[-1].get("status", "")).startswith("finished"):
                 return runs[-1]
             if time.monotonic() > deadline:
-                raise FleetError(f"run did not finish: {runs}\n{self.all_logs()}")
+                which = f"run {run_id}" if run_id else "run"
+                raise FleetError(f"{which} did not finish: {runs}\n{self.all_logs()}")
             time.sleep(1)

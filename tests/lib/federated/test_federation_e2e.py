@@ -17,14 +17,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers_flower import CONNECTION, Fleet, digits_node
+from helpers_flower import Fleet, digits_node
 from helpers_pruned import check_pruned_bundle, run_config
 from helpers_registry import serve_registry
 
@@ -62,21 +61,6 @@ def wait_for_exactly(fleet: Fleet, n: int, timeout: float = 120) -> None:
     while (online := len(fleet.online_nodes())) != n:
         assert time.monotonic() < deadline, \
             f"{online} SuperNodes online, not {n}, after {timeout} s\n{fleet.all_logs()}"
-        time.sleep(1)
-
-
-def final_status(fleet: Fleet, streamed: str, timeout: float = 60) -> dict:
-    """This run's row of `flwr ls` once it has finished: the fleet holds earlier runs, so the
-    row is found by the id `flwr run` printed, not by its place (Fleet.final_status)."""
-    match = re.search(r"Successfully started run (\d+)", streamed)
-    assert match, f"flwr run printed no run id:\n{streamed}"
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = [r for r in fleet.flwr_json("ls", CONNECTION).get("runs", [])
-                if str(r.get("run-id")) == match.group(1)]
-        if rows and str(rows[0].get("status", "")).startswith("finished"):
-            return rows[0]
-        assert time.monotonic() < deadline, f"run {match.group(1)} did not finish: {rows}"
         time.sleep(1)
 
 
@@ -127,7 +111,7 @@ def test_agent_and_supernode_fine_tune_and_sign(fleet, assets, tmp_path):
             "registry-pubkey": str(registry.pubkey), "signing-key": str(assets["key"]),
             "out-dir": str(out_dir), "num-server-rounds": 2, "local-epochs": 2,
             "round-timeout": 120.0, "node-wait-timeout": 60.0})
-        status = final_status(fleet, streamed)
+        status = fleet.final_status(streamed=streamed)
         assert status["status"] == "finished:completed", \
             f"{status}\n{streamed}\n{fleet.all_logs()}"
         assert agent.wait(timeout=120) == 0, fleet.log("agent")
@@ -170,7 +154,7 @@ def test_real_supernodes_fine_tune_the_pruned_subnet(fleet, assets, tmp_path):
     out = tmp_path / "out"
     streamed = fleet.run_app(run_config(assets, out, **{
         "round-timeout": 120.0, "node-wait-timeout": 60.0}))
-    status = final_status(fleet, streamed)
+    status = fleet.final_status(streamed=streamed)
     assert status["status"] == "finished:completed", f"{status}\n{streamed}\n{fleet.all_logs()}"
     rounds = {r["round"]: r for r in json.loads((out / "summary.json").read_text())["rounds"]}
     assert rounds[1]["train_ok"] == 2
@@ -200,7 +184,7 @@ def test_sigkill_one_supernode_mid_run(fleet, assets, tmp_path):
         time.sleep(0.2)
     fleet.kill("supernode-1")  # SIGKILL to its whole session, no goodbye to the SuperLink
     proc.wait(timeout=500)
-    status = final_status(fleet, "".join(lines))
+    status = fleet.final_status(streamed="".join(lines))
     assert status["status"] == "finished:completed", f"{status}\n{''.join(lines)}\n{fleet.all_logs()}"
 
     report = json.loads((out_dir / "summary.json").read_text())
