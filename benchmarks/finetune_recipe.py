@@ -13,7 +13,8 @@ head initialisation, batch order and augmentation; with --vary-split it also dra
 image subset and its split, as each seed of `sdr-server bench` does. `old` is the recipe the
 bench used before (3 epochs, constant lr 0.05 on every weight, random head, BatchNorm in train
 mode, no augmentation); `new` is `FineTuneConfig()`'s defaults before warm-up became one (no
-warm-up), `default` today's (= `new-warmup`); the other names change one or two things of `new`. Prints JSON with the load average, since the machine may be shared.
+warm-up), `default` today's (= `new-warmup`); the other names change one or two things of
+`new`. Prints JSON with the load average, since the machine may be shared.
 
 Every accuracy is also kept as a record keyed by (run, task, split seed, fine-tune seed), so
 `--summarize` can merge several invocations and split the spread into its sources: std over
@@ -38,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sdr_edge.artifacts.atomic import atomic_write_text  # noqa: E402
 from sdr_edge.artifacts.run_dir import load_teacher  # noqa: E402
 from sdr_edge.bench.domains import domain_tasks  # noqa: E402
 from sdr_edge.data.sources import load_source  # noqa: E402
@@ -206,7 +208,7 @@ def summarize(records: list[dict]) -> dict:
             entry[name], entry[name.replace("std", "groups")] = _mean_std(groups)
         if method != "probe":
             probe = {(r["run"], r["split_seed"], r["seed"]): 100 * r["accuracy"]
-                     for r in unique.values() if r["task"] == task and r["method"] == "probe"}
+                     for r in by.get((task, "probe"), [])}
             paired = [v - probe[k] for k, v in pts.items() if k in probe]
             entry["minus_probe"] = round(float(np.mean(paired)), 2) if paired else None
         out.setdefault(task, {})[method] = entry
@@ -262,13 +264,6 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Stage and rename: a crash never leaves half a file behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def load_records(paths: list[Path]) -> list[dict]:
     records = []
     for path in paths:
@@ -303,13 +298,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, source_spec in task_list(args):
             tasks[name] = run_task(run_dir, name, source_spec, args, recipes, out["records"])
             if args.out:
-                write_json(args.out, out)
+                atomic_write_text(args.out, json.dumps(out, indent=2) + "\n")
     out["summary"] = summarize(out["records"])
     out["verdict"] = verdict(out["summary"])
     out["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(out, indent=2))
     if args.out:
-        write_json(args.out, out)
+        atomic_write_text(args.out, json.dumps(out, indent=2) + "\n")
     return 0
 
 
