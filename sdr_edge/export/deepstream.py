@@ -92,25 +92,27 @@ def nvinfer_normalisation(mean: tuple[float, ...], std: tuple[float, ...]) -> No
 
 
 def _precision(graph: ModelGraph, opts: DeepStreamOptions) -> str:
+    """nvinfer's network mode. Whether the model is int8, and for which runtime, is read from
+    its Q/DQ nodes, as the TensorRT builder reads it: metadata can be edited, the graph is
+    what TensorRT builds."""
     meta = graph.metadata
     precision = opts.precision or meta.precision
     if precision not in NETWORK_MODE:
         raise DeepStreamExportError(f"--precision {precision!r}: one of fp32, fp16, int8")
-    if meta.precision == "int8":
-        target = (meta.extra.get("int8") or {}).get("target")
-        if target != "tensorrt":
-            raise DeepStreamExportError(
-                f"{graph.path} is int8 for ONNX Runtime on CPUs (uint8 asymmetric "
-                "activations), which TensorRT cannot build: export it with `sdr-export onnx "
-                "--precision int8 --int8-target tensorrt`")
-        if precision != "int8":
-            raise DeepStreamExportError(f"{graph.path} is an int8 (Q/DQ) graph: TensorRT "
-                                        "builds it in network-mode int8 only (--precision int8)")
-    elif precision == "int8":
+    quantized = graph.activation_quant_types
+    if "uint8" in quantized:
         raise DeepStreamExportError(
-            f"{graph.path} is {meta.precision}: nvinfer int8 would need a calibration cache; "
-            "export an explicitly quantized graph instead (`sdr-export onnx --precision int8 "
-            "--int8-target tensorrt`) and pass that")
+            f"{graph.path} is int8 for ONNX Runtime on CPUs (uint8 asymmetric "
+            "activations), which TensorRT cannot build: export it with `sdr-export onnx "
+            "--precision int8 --int8-target tensorrt`")
+    if quantized and precision != "int8":
+        raise DeepStreamExportError(f"{graph.path} is an int8 (Q/DQ) graph: TensorRT "
+                                    "builds it in network-mode int8 only (--precision int8)")
+    if not quantized and precision == "int8":
+        raise DeepStreamExportError(
+            f"{graph.path} has no Q/DQ nodes ({meta.precision}): nvinfer int8 would need a "
+            "calibration cache; export an explicitly quantized graph instead (`sdr-export "
+            "onnx --precision int8 --int8-target tensorrt`) and pass that")
     return precision
 
 

@@ -88,7 +88,7 @@ def check_tensorrt_compatible(graph: ModelGraph) -> None:
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
         raise EngineBuildError(f"{graph.path.name}: expected one input and one output, found "
                                f"{len(graph.inputs)} and {len(graph.outputs)}")
-    if graph.metadata.precision == "int8" and "uint8" in graph.activation_quant_types:
+    if "uint8" in graph.activation_quant_types:  # the graph decides, not the metadata
         raise EngineBuildError(
             "this int8 ONNX model was quantized for ONNX Runtime on CPUs (uint8 activations); "
             "TensorRT takes int8 symmetric QDQ only: re-export it with `sdr-export onnx "

@@ -14,8 +14,10 @@ from fixtures_export import ROUTE, SIZE, trained_digits
 
 from sdr_edge.artifacts.model_metadata import metadata_from_props
 from sdr_edge.data.preprocess import InputSpec, normalize_batch
+from sdr_edge.data.sources import load_source
 from sdr_edge.export.onnx_export import attach_metadata
 from sdr_edge.export.pipeline import ExportOptions, export_model
+from sdr_edge.export.quantize import quantize_int8
 from sdr_edge.models import Backbone, BackboneConfig, SubnetModel
 from sdr_edge_export.cli import main as export_main
 
@@ -154,3 +156,27 @@ def test_refusals_and_replacement(models, tmp_path, capsys):
     assert "refusing to replace it" in capsys.readouterr().err
     assert [p.name for p in foreign.iterdir()] == ["keep.txt"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_int8_mode_follows_the_graph_not_the_metadata(models, tmp_path, capsys):
+    """A TensorRT-ready Q/DQ graph gets network-mode 1; a CPU (uint8) one is refused even when
+    its metadata is edited to claim the TensorRT target, as the engine builder refuses it."""
+    meta = _metadata(models["gray"])
+    x = normalize_batch(load_source("builtin:digits", SIZE, 1, limit=32).images,
+                        meta.input_spec)
+    made = {}
+    for target in ("tensorrt", "cpu"):
+        raw = tmp_path / f"raw_{target}.onnx"
+        quantize_int8(models["gray"], raw, x, "input", target=target, workdir=tmp_path)
+        int8 = dataclasses.replace(meta, precision="int8", extra={})  # no target recorded
+        made[target] = attach_metadata(raw, tmp_path / f"{target}.onnx", int8)
+    assert _export(made["tensorrt"], tmp_path / "trt") == 0
+    assert _read(tmp_path / "trt")["network-mode"] == "1"
+    assert _export(made["tensorrt"], tmp_path / "fp16", "--precision", "fp16") == 2
+    assert "network-mode int8 only" in capsys.readouterr().err
+    claims_trt = dataclasses.replace(meta, precision="int8", extra={"int8": {"target": "tensorrt"}})
+    lying = attach_metadata(made["cpu"], tmp_path / "lying.onnx", claims_trt)
+    assert _metadata(lying).extra["int8"]["target"] == "tensorrt"
+    assert _export(lying, tmp_path / "cpu") == 2
+    assert "int8 for ONNX Runtime on CPUs" in capsys.readouterr().err
+    assert not (tmp_path / "cpu").exists()
