@@ -169,12 +169,14 @@ def test_sigkill_one_supernode_mid_run(fleet, assets, tmp_path):
     two_plain_supernodes(fleet, assets)
     out_dir = tmp_path / "out"
     # Two nodes must answer the signature query; each round then goes on with whoever is left.
-    # One local epoch: the 20 s round timeout is about dropouts, not the recipe's 3 epochs.
+    # One local epoch: the round timeout is about dropouts, not the recipe's 3 epochs. Round 2
+    # lasts the whole timeout (the killed node never answers), but round 1 must fit both nodes'
+    # replies in it: 20 s failed round 1 (train_ok 1) in a plain run at load 7, so 40 s.
     proc, lines = fleet.start_app({
         "run-dir": str(assets["run_dir"]), "signing-key": str(assets["key"]),
         "out-dir": str(out_dir), "num-server-rounds": 2, "local-epochs": 1, "min-nodes": 2,
         "min-round-nodes": 1,
-        "round-timeout": 20.0, "node-wait-timeout": 60.0, "evaluate-start": False})
+        "round-timeout": 40.0, "node-wait-timeout": 60.0, "evaluate-start": False})
     log = fleet.logs / "supernode-1.log"
     trains_before = log.read_text(errors="replace").count("Receiving: train message")
     deadline = time.monotonic() + 400
