@@ -53,10 +53,12 @@ from sdr_edge.training.finetune import (  # noqa: E402
 )
 
 # The recipes as measured before warm-up became the default (the "new" of runs/finetune_stability
-# and of the README's stability table): FineTuneConfig() without warm-up.
-NEW = replace(FineTuneConfig(), warmup_fraction=0.0)
+# and of the README's stability table): FineTuneConfig() at 10 epochs without warm-up.
+NEW = replace(FineTuneConfig(), epochs=10, warmup_fraction=0.0)
 RECIPES: dict[str, FineTuneConfig] = {
-    "default": FineTuneConfig(),  # today's defaults (= new-warmup)
+    "default": FineTuneConfig(),  # today's defaults (= default-20-epochs)
+    # the default of runs/finetune_default/{seed0_model,seed12_models,seed2_model_4000}.json
+    "default-10-epochs": FineTuneConfig(epochs=10),
     "old": FineTuneConfig(epochs=3, lr=0.05, batch_size=64, weight_decay=5e-4,
                           schedule="constant", backbone_lr_scale=1.0, probe_init=False,
                           bn="train", augment=False),
@@ -65,13 +67,16 @@ RECIPES: dict[str, FineTuneConfig] = {
     "new-probe-init": replace(NEW, probe_init=True),
     "new-no-augment": replace(NEW, augment=False),
     "new-backbone-lr-0.25": replace(NEW, lr=2e-3, backbone_lr_scale=0.25),
-    "new-warmup": replace(NEW, warmup_fraction=0.1),
+    "new-warmup": replace(NEW, warmup_fraction=0.1),  # = default-10-epochs
     # what issue 10 names: warm-up + cosine and a lower backbone lr than the head's
     "new-warmup-backbone-lr-0.25": replace(NEW, lr=2e-3, backbone_lr_scale=0.25,
                                            warmup_fraction=0.1),
     "new-sgd": replace(NEW, optimizer="sgd", lr=0.05, backbone_lr_scale=0.1, weight_decay=5e-4),
     "new-5-epochs": replace(NEW, epochs=5),
     "new-20-epochs": replace(NEW, epochs=20),
+    # candidates against the default's remaining spread on the small glyph tasks
+    "default-20-epochs": FineTuneConfig(epochs=20),
+    "default-label-smoothing-0.1": FineTuneConfig(epochs=10, label_smoothing=0.1),
 }
 DEFAULT_TASKS = ("footwear-3=fashion-mnist:test@5,7,9", "digits-10=builtin:digits")
 TARGET_STD = 1.5  # issue 10: std over 3 seeds <= 1.5 points
