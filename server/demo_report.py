@@ -30,7 +30,8 @@ def summary_rows(summary: dict) -> list[list[str]]:
                          " -> ".join(f"{100 * a:.1f}%" for a in accs)])
         rows.append(["federation: bundle verifies", str(fed.get("bundle_verified", False))])
     for precision, doc in summary.get("exports", {}).items():
-        checks = "; ".join(c["detail"] for c in doc.get("checks", []))
+        # each check named: the int8 row starts with the fp32 graph's check before conversion
+        checks = "; ".join(f"{c['name']}: {c['detail']}" for c in doc.get("checks", []))
         rows.append([f"export {precision}", checks])
     for precision, infer in summary.get("infer", {}).items():
         acc = infer_accuracy(infer)
