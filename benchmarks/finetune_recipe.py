@@ -12,9 +12,9 @@ the frozen linear probe and each fine-tune recipe as mean ± std over the seeds.
 head initialisation, batch order and augmentation; with --vary-split it also draws the task's
 image subset and its split, as each seed of `sdr-server bench` does. `old` is the recipe the
 bench used before (3 epochs, constant lr 0.05 on every weight, random head, BatchNorm in train
-mode, no augmentation); `new` is `FineTuneConfig()`'s defaults before warm-up became one (no
-warm-up), `default` today's (= `new-warmup`); the other names change one or two things of
-`new`. Prints JSON with the load average, since the machine may be shared.
+mode, no augmentation); `new` is the 10-epoch recipe before warm-up became a default (no
+warm-up), `default-10-epochs` (= `new-warmup`) the default before 20 epochs, `default` today's
+(= `default-20-epochs`); the other names change one or two things of `new`. Prints JSON with the load average, since the machine may be shared.
 
 Every accuracy is also kept as a record keyed by (run, task, split seed, fine-tune seed), so
 `--summarize` can merge several invocations and split the spread into its sources: std over

@@ -7,8 +7,9 @@ unified small ResNet, footwear-3 and digits, 3 seeds): fine-tune 94.4 +- 0.3 / 9
 against probe 85.0 / 88.0 % and old recipe 70.1 +- 1.9 / 75.3 +- 15.3 %.
 
 * 20 epochs. At 10, the glyph tasks of the mixed pool (1,400 training images, 24-37 classes)
-  ended under-trained: 84-95 % with a spread of 1.3-2.5 points over fine-tune seeds. At 20
-  they reach 96-99 % with a spread of at most 0.6, and the fashion tasks gain 1-4 points
+  ended under-trained: 84-93 % on average, with a spread of up to 2.5 points over fine-tune
+  seeds. At 20 they reach 97-99 % with a spread of at most 1.0, and the fashion tasks and
+  digits gain 0.6-3.2 points
   (README "Is fine-tuning stable?", 3 models x 6 tasks x 3 seeds). Federated rounds set
   their own local epochs;
 * AdamW with a per-step schedule: linear warm-up over 10 % of *this call's* steps, then cosine
