@@ -99,12 +99,10 @@ def _precision(graph: ModelGraph, opts: DeepStreamOptions) -> str:
     precision = opts.precision or meta.precision
     if precision not in NETWORK_MODE:
         raise DeepStreamExportError(f"--precision {precision!r}: one of fp32, fp16, int8")
+    refusal = graph.tensorrt_int8_refusal()
+    if refusal:
+        raise DeepStreamExportError(refusal)
     quantized = graph.activation_quant_types
-    if "uint8" in quantized:
-        raise DeepStreamExportError(
-            f"{graph.path} is int8 for ONNX Runtime on CPUs (uint8 asymmetric "
-            "activations), which TensorRT cannot build: export it with `sdr-export onnx "
-            "--precision int8 --int8-target tensorrt`")
     if quantized and precision != "int8":
         raise DeepStreamExportError(f"{graph.path} is an int8 (Q/DQ) graph: TensorRT "
                                     "builds it in network-mode int8 only (--precision int8)")

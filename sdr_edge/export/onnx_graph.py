@@ -65,6 +65,17 @@ class ModelGraph:
                 kinds.add(onnx.TensorProto.DataType.Name(inits[node.input[2]].data_type).lower())
         return tuple(sorted(kinds))
 
+    def tensorrt_int8_refusal(self) -> str | None:
+        """Why TensorRT cannot build this graph's int8, or None: its explicit INT8 takes signed,
+        symmetric Q/DQ only, and uint8 activations are ONNX Runtime's CPU quantization. Read
+        from the graph, not the metadata (which can be edited); the engine builder and the
+        DeepStream export both refuse with this message."""
+        if "uint8" not in self.activation_quant_types:
+            return None
+        return (f"{self.path} is int8 for ONNX Runtime on CPUs (uint8 asymmetric activations), "
+                "which TensorRT cannot build: TensorRT takes int8 symmetric Q/DQ only; re-export "
+                "it with `sdr-export onnx --precision int8 --int8-target tensorrt`")
+
 
 def _tensor(value: onnx.ValueInfoProto, path: Path) -> TensorInfo:
     t = value.type

@@ -88,12 +88,9 @@ def check_tensorrt_compatible(graph: ModelGraph) -> None:
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
         raise EngineBuildError(f"{graph.path.name}: expected one input and one output, found "
                                f"{len(graph.inputs)} and {len(graph.outputs)}")
-    if "uint8" in graph.activation_quant_types:  # the graph decides, not the metadata
-        raise EngineBuildError(
-            "this int8 ONNX model was quantized for ONNX Runtime on CPUs (uint8 activations); "
-            "TensorRT takes int8 symmetric QDQ only: re-export it with `sdr-export onnx "
-            "--precision int8 --int8-target tensorrt`"
-        )
+    refusal = graph.tensorrt_int8_refusal()
+    if refusal:
+        raise EngineBuildError(refusal)
     inp = graph.inputs[0]
     if len(inp.dims) < 2:
         raise EngineBuildError(f"input {inp.name} has shape {inp.dims}: "
