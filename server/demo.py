@@ -1,6 +1,6 @@
 """`make demo`: the whole sdr-edge pipeline on builtin:digits, with real processes, in minutes.
 
-Trains a tiny SDRnet (K = 256), starts the registry, lets two clients compute signatures and
+Trains a tiny SDRnet (K = 16), starts the registry, lets two clients compute signatures and
 fetch their sub-net, fine-tunes it with a Flower federation (a SuperLink and two SuperNodes on
 loopback), exports ONNX fp32 and int8, runs inference, prints a summary table and leaves
 OUT/report/index.html. Every step is the real command a user would type; every process it
@@ -139,7 +139,7 @@ def pipeline(out: Path, config: Path, rounds: int, procs: Processes, logs: Path)
         summary["steps"][step] = round(time.perf_counter() - t0, 1)
         return result
 
-    say("1/7 pre-train a tiny SDRnet on builtin:digits (K = 256)")
+    say("1/7 pre-train a tiny SDRnet on builtin:digits (K = 16)")
     timed("train", lambda: run_step([exe["sdr-server"], "train", "--data", "builtin:digits",
                                      "--config", config, "--out", run_dir], logs / "train.log"))
 

@@ -74,14 +74,21 @@ def _deep2(p: Plan) -> None:
     p.branching, p.level_epochs = p.branching[:2], (total - total // 2, total // 2)
 
 
+def _long(p: Plan) -> None:
+    """Twice the level epochs: a diagnostic of whether the level-phase budget limits
+    specialisation. The run then trains longer than the unified model, so only its
+    routed - random (a comparison inside one SDRnet) is a fair figure."""
+    p.level_epochs = tuple(2 * e for e in p.level_epochs)
+
+
 def _shallow_coarse(p: Plan) -> None:
     """The coarsest level served by the shallowest routed stage (the default is the deepest)."""
     p.set("routing", "level_stages", list(range(len(p.branching))))
 
 
 RECIPES: dict[str, tuple[str, Callable[[Plan], None]]] = {
-    "base": ("today's default: K = 256, coarsest level at the deepest stage, SiamKD 0.5",
-             lambda p: None),
+    "base": ("the paper's K = 256 (the library default when the study ran), coarsest level at "
+             "the deepest stage, SiamKD 0.5", lambda p: None),
     "kd0": ("no SiamKD toward the teacher (kd_weight 0): experts free to drift",
             lambda p: p.set("ssl", "kd_weight", 0.0)),
     "kd0.9": ("strong SiamKD (kd_weight 0.9)", lambda p: p.set("ssl", "kd_weight", 0.9)),
@@ -93,8 +100,11 @@ RECIPES: dict[str, tuple[str, Callable[[Plan], None]]] = {
             "(the batch mean gives each expert ~1/B of the gradient)",
             lambda p: p.set("schedule", "expert_lr", "per-cell")),
     "coarse4": ("K = 4: one routed level at the deepest stage, all level epochs on it", _coarse4),
-    "deep2": ("K = 16: the two deepest stages routed", _deep2),
+    "deep2": ("K = 16: the two deepest stages routed (the library default since round 4)",
+              _deep2),
     "shallow-coarse": ("coarsest level at the shallowest stage", _shallow_coarse),
+    "long": ("twice the level epochs (diagnostic: more total epochs than the unified model)",
+             _long),
 }
 
 
