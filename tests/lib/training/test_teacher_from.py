@@ -95,4 +95,6 @@ def test_recipe_names_and_plans():
     assert plan.overrides == {"ssl": {"kd_weight": 0.0}}
     deep = plan_of(budget, "deep2")
     assert deep.branching == (4, 4) and sum(deep.level_epochs) == sum(budget.level_epochs_k256)
+    long = plan_of(budget, "deep2+long")  # order matters: deep2 splits, then long doubles
+    assert long.branching == (4, 4) and long.level_epochs == tuple(2 * e for e in deep.level_epochs)
     assert plan_of(budget, "shallow-coarse").overrides["routing"]["level_stages"] == [0, 1, 2, 3]
