@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from sdr_edge.bench.budgets import BUDGETS, tasks
-from sdr_edge.bench.paper_claim import aggregate, interval, markdown_table, pretrain_all, verdict
+from sdr_edge.bench.paper_claim import (
+    _claim_lines,
+    aggregate,
+    interval,
+    markdown_table,
+    pretrain_all,
+    verdict,
+)
 from sdr_edge_server.cli import main
 
 TASKS = ("a", "b", "c", "d")
@@ -90,6 +97,16 @@ def test_verdict_regret_and_finetune_claims():
     assert ft["finetune_std_points"]["c"] == pytest.approx(100 * np.std([0.75, 0.71, 0.75],
                                                                         ddof=1))
     assert not ft["holds"]
+
+
+def test_selection_ceiling_is_paired_and_reported():
+    rows = [[_row(t, s, 0.70, 0.71 + n, 0.69 + n, 0.75, sel_regret=1.0 + s) for t in TASKS]
+            for s, n in enumerate([-0.1, 0.0, 0.1])]
+    v = verdict(aggregate(rows))
+    ceiling = v["selected_minus_random_points"]  # routed − random (2) + selection regret (1..3)
+    assert ceiling["mean"] == pytest.approx(4.0) and ceiling["std"] == pytest.approx(1.0)
+    assert any(line.startswith("- ceiling:") and "+4.0 ± " in line for line in _claim_lines(v))
+    assert "selected_minus_random_points" not in rows[0][0]["sdr256"]  # inputs left as stored
 
 
 def test_aggregate_refuses_seeds_with_different_tasks():
