@@ -57,6 +57,7 @@ class Plan:
     branching: tuple[int, ...]
     level_epochs: tuple[int, ...]
     overrides: dict[str, dict] = field(default_factory=dict)
+    phase0_epochs: int | None = None  # set by plan_of to the budget's; a recipe may change it
 
     def set(self, table: str, key: str, value: object) -> None:
         self.overrides.setdefault(table, {})[key] = value
@@ -81,6 +82,18 @@ def _long(p: Plan) -> None:
     p.level_epochs = tuple(2 * e for e in p.level_epochs)
 
 
+def _early(p: Plan) -> None:
+    """Phase 0 shortened by 40 % (10 -> 6 epochs on the cpu budget), the epochs moved to the
+    level phases: the experts train apart for longer at the same total epochs as the unified
+    model. The run trains its own (shorter) teacher instead of sharing base's."""
+    phase0 = p.phase0_epochs or 0
+    moved = (2 * phase0) // 5
+    p.phase0_epochs = phase0 - moved
+    levels = len(p.level_epochs)
+    p.level_epochs = tuple(e + moved // levels + (1 if i < moved % levels else 0)
+                           for i, e in enumerate(p.level_epochs))
+
+
 def _shallow_coarse(p: Plan) -> None:
     """The coarsest level served by the shallowest routed stage (the default is the deepest)."""
     p.set("routing", "level_stages", list(range(len(p.branching))))
@@ -103,6 +116,8 @@ RECIPES: dict[str, tuple[str, Callable[[Plan], None]]] = {
     "deep2": ("K = 16: the two deepest stages routed (the library default since round 4)",
               _deep2),
     "shallow-coarse": ("coarsest level at the shallowest stage", _shallow_coarse),
+    "early": ("phase 0 shortened by 40 %, its epochs given to the level phases (same total; "
+              "own teacher)", _early),
     "long": ("twice the level epochs (diagnostic: more total epochs than the unified model)",
              _long),
 }
@@ -123,6 +138,7 @@ def parse_recipes(text: str) -> list[str]:
 
 def plan_of(budget: Budget, name: str) -> Plan:
     plan = Plan((4, 4, 4, 4), tuple(budget.level_epochs_k256))
+    plan.phase0_epochs = budget.phase0_epochs
     for part in name.split("+"):
         RECIPES[part][1](plan)
     return plan
@@ -134,7 +150,10 @@ def recipe_config(budget: Budget, name: str, seed: int, teacher_run: Path | None
     cfg = train_config_dict(budget, plan.branching, plan.level_epochs, seed)
     for table, values in plan.overrides.items():
         cfg.setdefault(table, {}).update(values)
-    if teacher_run is not None and name != "base":
+    own_teacher = plan.phase0_epochs != budget.phase0_epochs
+    if own_teacher:
+        cfg["schedule"]["phase0_epochs"] = plan.phase0_epochs
+    if teacher_run is not None and name != "base" and not own_teacher:
         cfg["schedule"]["teacher_from"] = str(teacher_run)
     return cfg
 

@@ -14,7 +14,7 @@ from helpers_rundir import tiny_train_config
 from sdr_edge.artifacts import run_dir as rd
 from sdr_edge.bench.budgets import BUDGETS
 from sdr_edge.bench.paper_claim import BenchError
-from sdr_edge.bench.recipes import parse_recipes, plan_of
+from sdr_edge.bench.recipes import parse_recipes, plan_of, recipe_config
 from sdr_edge.models.sdrnet import RoutedStage
 from sdr_edge.training.config import config_from_dict
 from sdr_edge.training.pipeline import RunConflictError, train
@@ -95,6 +95,13 @@ def test_recipe_names_and_plans():
     assert plan.overrides == {"ssl": {"kd_weight": 0.0}}
     deep = plan_of(budget, "deep2")
     assert deep.branching == (4, 4) and sum(deep.level_epochs) == sum(budget.level_epochs_k256)
+    early = plan_of(budget, "deep2+early")  # same total epochs, 40 % of phase 0 moved
+    assert early.phase0_epochs == 6 and early.level_epochs == (6, 6)
+    assert early.phase0_epochs + sum(early.level_epochs) == budget.total_epochs
+    own = recipe_config(budget, "deep2+early", 0, Path("base"))
+    assert own["schedule"]["phase0_epochs"] == 6 and "teacher_from" not in own["schedule"]
+    shared = recipe_config(budget, "deep2", 0, Path("base"))
+    assert shared["schedule"]["teacher_from"] == "base"
     long = plan_of(budget, "deep2+long")  # order matters: deep2 splits, then long doubles
     assert long.branching == (4, 4) and long.level_epochs == tuple(2 * e for e in deep.level_epochs)
     assert plan_of(budget, "shallow-coarse").overrides["routing"]["level_stages"] == [0, 1, 2, 3]
