@@ -91,10 +91,11 @@ class RoutingConfig(_Section):
 
     The default is K = 16, the two deepest stages routed (`branching = [4, 4]`), not the
     paper's K = 256 (`[4, 4, 4, 4]`, kept in configs/imagenet.toml). On the mixed CPU pool of
-    issue 10 (3 pre-training seeds x 6 tasks, whole task sets) K = 16 beat K = 256 paired
-    within a seed by +1.74 +- 1.06 points of routed probe accuracy and +0.77 +- 0.30 of
-    routed - random, both intervals above 0: at K = 256 the shallow experts see 1/64-1/256 of
-    the pool and routing picks no better than chance (README, "Round 4").
+    issue 10 (3 pre-training seeds x 6 tasks, whole task sets, paired within a seed) the
+    routed K = 16 sub-net's probe accuracy beat K = 256's by +1.7 +- 1.1 points (round 4) and
+    by +0.6 +- 1.4 when retrained by today's code (round 5), positive on all six seed pairs.
+    At K = 256 the shallow experts see 1/64-1/256 of the pool and its routed sub-net is no
+    better than a random one (README, rounds 4 and 5).
     """
 
     branching: IntTuple = (4, 4)
