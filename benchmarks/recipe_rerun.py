@@ -1,0 +1,111 @@
+"""Retrain one SDR recipe on a stored teacher under a new name, and compare it paired per seed.
+
+Why: a recipe result is only worth keeping if it survives a change of implementation. Issue 10's
+round 5 found that deep2's +0.6 points over random routes (trained by an older branch) fell to
+-0.3 when the same recipe was retrained by today's code on the same phase-0 teachers. This script
+does that check for any recipe of `sdr-server bench --recipes`: it trains `RECIPE` into
+`OUT/runs/seedS/NAME` with the current code, borrowing `OUT/runs/seedS/base`'s teacher, evaluates
+it as the bench does (`recipe_NAME.json` beside the others), then prints per-seed and paired
+figures against the stored recipe evaluations it is given with `--against`.
+
+    python benchmarks/recipe_rerun.py --out runs/recipes_nozg --recipe deep2 --name deep2-main \
+        --seeds 0 1 2 --task-set domains --pool-limit 12000 --task-limit 0 --against deep2 base
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sdr_edge.artifacts.atomic import atomic_write_text
+from sdr_edge.bench.budgets import tasks
+from sdr_edge.bench.paper_claim import fmt, interval, resolve_budget, unified_probe
+from sdr_edge.bench.recipes import evaluate_recipe, recipe_config, train_locked
+
+
+def rerun(out: Path, recipe: str, name: str, seed: int, budget_options: dict) -> dict:
+    budget = resolve_budget("cpu", **budget_options)
+    root = out / "runs" / f"seed{seed}"
+    if not (root / "base" / "teacher.safetensors").is_file():
+        raise SystemExit(f"recipe_rerun: {root / 'base'} has no teacher; run the bench first")
+    path = root / f"recipe_{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))["result"]
+    run = train_locked(recipe_config(budget, recipe, seed, root / "base"), root / name)
+    if budget.threads > 0:
+        torch.set_num_threads(budget.threads)
+    unified = {t.name: unified_probe(root / "unified", t, seed) for t in tasks(budget)}
+    result = {"recipe": recipe, "name": name, "seed": seed,
+              **evaluate_recipe(run, unified, budget, seed)}
+    atomic_write_text(path, json.dumps({"key": {"recipe": recipe, "seed": seed,
+                                                "budget": budget.to_dict()},
+                                        "result": result}, indent=1) + "\n")
+    return result
+
+
+def task_mean(evaluation: dict, metric: str) -> float:
+    return float(np.mean([t[metric] for t in evaluation["tasks"] if t[metric] is not None]))
+
+
+def summary(name: str, evals: list[dict], against: dict[str, list[dict]]) -> dict:
+    """Per recipe: routed, routed − random and routed − unified over seeds; paired differences of
+    `name` against every stored recipe."""
+    def row(ev: list[dict]) -> dict:
+        return {"routed": interval([100 * task_mean(e, "routed") for e in ev]),
+                "routed_minus_random": interval([task_mean(e, "routed_minus_random") for e in ev]),
+                "routed_minus_unified": interval([task_mean(e, "routed_minus_unified")
+                                                  for e in ev])}
+    out = {"recipes": {name: row(evals), **{n: row(ev) for n, ev in against.items()}},
+           "paired": {}}
+    for ref, ev in against.items():
+        out["paired"][ref] = {
+            "routed": interval([100 * (task_mean(a, "routed") - task_mean(b, "routed"))
+                                for a, b in zip(evals, ev, strict=True)]),
+            "routed_minus_random": interval([task_mean(a, "routed_minus_random")
+                                             - task_mean(b, "routed_minus_random")
+                                             for a, b in zip(evals, ev, strict=True)])}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="the recipe bench's output folder")
+    ap.add_argument("--recipe", required=True, help="a recipe of sdr-server bench --recipes")
+    ap.add_argument("--name", required=True, help="folder and record name of the rerun")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--against", nargs="*", default=[],
+                    help="stored recipes (recipe_NAME.json) to compare with, paired per seed")
+    ap.add_argument("--task-set", default="domains")
+    ap.add_argument("--pool-limit", type=int)
+    ap.add_argument("--task-limit", type=int)
+    args = ap.parse_args(argv)
+    if args.name in {"base", *args.against} or "/" in args.name:
+        raise SystemExit(f"recipe_rerun: --name {args.name!r} would overwrite a stored record")
+    options = {"task_set": args.task_set, "pool_limit": args.pool_limit,
+               "task_limit": args.task_limit, "pool": None, "random_routes": None}
+    evals = [rerun(args.out, args.recipe, args.name, s, options) for s in args.seeds]
+    against = {}
+    for ref in args.against:
+        paths = [args.out / "runs" / f"seed{s}" / f"recipe_{ref}.json" for s in args.seeds]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise SystemExit(f"recipe_rerun: no stored evaluation {missing[0]}")
+        against[ref] = [json.loads(p.read_text(encoding="utf-8"))["result"] for p in paths]
+    result = {"command": " ".join(sys.argv), "load_average": list(os.getloadavg()),
+              "seeds": args.seeds, **summary(args.name, evals, against)}
+    print(json.dumps(result, indent=2))
+    for ref, d in result["paired"].items():
+        print(f"{args.name} - {ref}, paired: routed {fmt(d['routed'], signed=True)} pts, "
+              f"routed - random {fmt(d['routed_minus_random'], signed=True)} pts",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
