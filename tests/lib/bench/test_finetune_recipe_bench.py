@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from helpers_benchmarks import load_benchmark
 from helpers_rundir import build_tiny_run
-
-PATH = Path(__file__).resolve().parents[3] / "benchmarks" / "finetune_recipe.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("finetune_recipe_bench", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("finetune_recipe")
 
 
 @pytest.fixture

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-PATH = Path(__file__).resolve().parents[3] / "benchmarks" / "recipe_rerun.py"
+from helpers_benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def rerun():
-    spec = importlib.util.spec_from_file_location("recipe_rerun_bench", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("recipe_rerun")
 
 
 def _eval(seed: int, routed: float, random: float, unified: float = 0.5) -> dict:

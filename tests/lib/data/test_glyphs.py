@@ -148,13 +148,10 @@ def test_negative_transfer_smoke(tmp_path):
 
 
 def test_negative_transfer_cli_fails_fast_without_fonts(tmp_path, monkeypatch, capsys):
-    import importlib.util
+    from helpers_benchmarks import load_benchmark
 
     monkeypatch.setenv("SDR_FONT_DIRS", str(tmp_path / "no-fonts"))
-    path = Path(__file__).resolve().parents[3] / "benchmarks" / "negative_transfer.py"
-    spec = importlib.util.spec_from_file_location("negative_transfer_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("negative_transfer")
     out = tmp_path / "out"
     assert bench.main(["--out", str(out), "--epochs", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
