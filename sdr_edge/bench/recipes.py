@@ -56,8 +56,8 @@ class Plan:
 
     branching: tuple[int, ...]
     level_epochs: tuple[int, ...]
+    phase0_epochs: int  # the budget's unless a recipe changes it (then it trains its own teacher)
     overrides: dict[str, dict] = field(default_factory=dict)
-    phase0_epochs: int | None = None  # set by plan_of to the budget's; a recipe may change it
 
     def set(self, table: str, key: str, value: object) -> None:
         self.overrides.setdefault(table, {})[key] = value
@@ -86,9 +86,8 @@ def _early(p: Plan) -> None:
     """Phase 0 shortened by 40 % (10 -> 6 epochs on the cpu budget), the epochs moved to the
     level phases: the experts train apart for longer at the same total epochs as the unified
     model. The run trains its own (shorter) teacher instead of sharing base's."""
-    phase0 = p.phase0_epochs or 0
-    moved = (2 * phase0) // 5
-    p.phase0_epochs = phase0 - moved
+    moved = (2 * p.phase0_epochs) // 5
+    p.phase0_epochs -= moved
     levels = len(p.level_epochs)
     p.level_epochs = tuple(e + moved // levels + (1 if i < moved % levels else 0)
                            for i, e in enumerate(p.level_epochs))
@@ -137,8 +136,7 @@ def parse_recipes(text: str) -> list[str]:
 
 
 def plan_of(budget: Budget, name: str) -> Plan:
-    plan = Plan((4, 4, 4, 4), tuple(budget.level_epochs_k256))
-    plan.phase0_epochs = budget.phase0_epochs
+    plan = Plan((4, 4, 4, 4), tuple(budget.level_epochs_k256), budget.phase0_epochs)
     for part in name.split("+"):
         RECIPES[part][1](plan)
     return plan
