@@ -24,28 +24,36 @@ import numpy as np
 import torch
 
 from sdr_edge.artifacts.atomic import atomic_write_text
-from sdr_edge.bench.budgets import tasks
+from sdr_edge.bench.budgets import Budget, tasks
 from sdr_edge.bench.paper_claim import fmt, interval, resolve_budget, unified_probe
 from sdr_edge.bench.recipes import evaluate_recipe, recipe_config, train_locked
 
 
+def record_key(recipe: str, seed: int, budget: Budget) -> dict:
+    """What a stored rerun was made for (as JSON reads it back): reused only when it matches."""
+    return json.loads(json.dumps({"recipe": recipe, "seed": seed, "budget": budget.to_dict()}))
+
+
 def rerun(out: Path, recipe: str, name: str, seed: int, budget_options: dict) -> dict:
     budget = resolve_budget("cpu", **budget_options)
+    key = record_key(recipe, seed, budget)
     root = out / "runs" / f"seed{seed}"
     if not (root / "base" / "teacher.safetensors").is_file():
         raise SystemExit(f"recipe_rerun: {root / 'base'} has no teacher; run the bench first")
     path = root / f"recipe_{name}.json"
     if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))["result"]
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored.get("key") != key:
+            raise SystemExit(f"recipe_rerun: {path} was made for another recipe, seed or budget; "
+                             "choose another --name")
+        return stored["result"]
     run = train_locked(recipe_config(budget, recipe, seed, root / "base"), root / name)
     if budget.threads > 0:
         torch.set_num_threads(budget.threads)
     unified = {t.name: unified_probe(root / "unified", t, seed) for t in tasks(budget)}
     result = {"recipe": recipe, "name": name, "seed": seed,
               **evaluate_recipe(run, unified, budget, seed)}
-    atomic_write_text(path, json.dumps({"key": {"recipe": recipe, "seed": seed,
-                                                "budget": budget.to_dict()},
-                                        "result": result}, indent=1) + "\n")
+    atomic_write_text(path, json.dumps({"key": key, "result": result}, indent=1) + "\n")
     return result
 
 

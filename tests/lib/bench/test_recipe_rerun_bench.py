@@ -46,10 +46,16 @@ def test_a_stored_rerun_is_reused_not_retrained(rerun, tmp_path, capsys):
     seed = tmp_path / "runs" / "seed0"
     (seed / "base").mkdir(parents=True)
     (seed / "base" / "teacher.safetensors").write_bytes(b"")
-    (seed / "recipe_x.json").write_text(json.dumps({"result": _eval(0, 0.7, 0.6)}))
+    options = {"task_set": "domains", "pool_limit": None, "task_limit": None, "pool": None,
+               "random_routes": None}  # main()'s defaults
+    key = rerun.record_key("deep2", 0, rerun.resolve_budget("cpu", **options))
+    (seed / "recipe_x.json").write_text(json.dumps({"key": key, "result": _eval(0, 0.7, 0.6)}))
     (seed / "recipe_deep2.json").write_text(json.dumps({"result": _eval(0, 0.65, 0.6)}))
     assert rerun.main(["--out", str(tmp_path), "--recipe", "deep2", "--name", "x",
                        "--against", "deep2"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["paired"]["deep2"]["routed"]["mean"] == pytest.approx(5.0)
     assert sorted(p.name for p in seed.iterdir()) == ["base", "recipe_deep2.json", "recipe_x.json"]
+    # a record made for another recipe (or budget) under that name is refused, not reused
+    with pytest.raises(SystemExit, match="recipe_x.json was made for another recipe"):
+        rerun.main(["--out", str(tmp_path), "--recipe", "coarse4", "--name", "x"])
