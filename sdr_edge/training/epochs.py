@@ -156,7 +156,6 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, plan: EpochPlan, e
 
 
 @torch.no_grad()
-@torch.no_grad()
 def iter_features(encode: Callable[[torch.Tensor, np.ndarray], torch.Tensor], pool: ImagePool,
                   index: np.ndarray, spec: InputSpec, device: torch.device, batch: int = 512,
                   workers: int = 0):
