@@ -98,6 +98,13 @@ def _shallow_coarse(p: Plan) -> None:
     p.set("routing", "level_stages", list(range(len(p.branching))))
 
 
+def _clamped(p: Plan) -> None:
+    """The views' crop as the code of rounds 1-4 drew it (round 6 isolated it as the cause of
+    today's code scoring lower there)."""
+    p.set("augment", "crop_mode", "clamped")
+    p.set("augment", "crop_min", 0.3)
+
+
 RECIPES: dict[str, tuple[str, Callable[[Plan], None]]] = {
     "base": ("the paper's K = 256 (the library default when the study ran), coarsest level at "
              "the deepest stage, SiamKD 0.5", lambda p: None),
@@ -119,6 +126,10 @@ RECIPES: dict[str, tuple[str, Callable[[Plan], None]]] = {
               "own teacher)", _early),
     "long": ("twice the level epochs (diagnostic: more total epochs than the unified model)",
              _long),
+    "crop0.3": ("random resized crops of 30-100 % of the image, the default before round 6 "
+                "(now 40-100 %)", lambda p: p.set("augment", "crop_min", 0.3)),
+    "clamped": ("the crop before issue 13's rewrite: one (area, aspect) draw of 30-100 % of "
+                "the image, each side clamped to it", _clamped),
 }
 
 

@@ -15,6 +15,17 @@ towards black and the grey mean, saturation towards the grey image, hue rotates 
 and the blur is a depthwise separable convolution. 1-channel images get brightness and
 contrast only (saturation, hue and grayscale have no meaning there).
 
+The crop's sides come from one of two draws (`AugmentConfig.crop_mode`). "torchvision" (the
+default) is RandomResizedCrop's: redraw up to 10 times until the crop fits, then a centre crop.
+"clamped" draws once and clamps each side to the image, as this module did before issue 13; its
+views are larger on average. The default area range is 0.4-1 (SimSiam's 0.2-1 stays in
+configs/imagenet.toml): on the 28-px mixed pool of issue 10 (3 seeds, whole task sets; README,
+round 6) issue 13's rewrite at 0.3-1 had cost the unified model 1.4 probe points and the
+routed K = 16 sub-net 1.2, most of it the crop (the old clamped crop alone gave the routed
+sub-net back +0.9 +- 0.7). At 0.4-1 torchvision's crop has the clamped one's mean area (0.64):
+it gave +2.4 +- 7.9 (unified, 14 of 18 seed-task pairs up) and +0.5 +- 2.2 (routed) over 0.3-1,
+and the clamped crop at 0.3-1 was 1.1 +- 2.5 below it on the unified model (15 of 18 pairs).
+
 Bilinear sampling does not antialias: a crop much larger than the training size (a decode far
 above it) aliases where torchvision's resize would low-pass first; decode at most ~1.5x larger.
 """
@@ -36,8 +47,9 @@ class AugmentConfig:
     """Strengths and probabilities of each augmentation (defaults: SimSiam's, with a smaller
     blur for small images). `out_size` is the output side (None: the input's size)."""
 
-    crop_scale: tuple[float, float] = (0.3, 1.0)
+    crop_scale: tuple[float, float] = (0.4, 1.0)  # SimSiam: 0.2-1 at 224 px (see above)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    crop_mode: str = "torchvision"  # or "clamped" (see CROP_MODES)
     flip: bool = True
     brightness: float = 0.4
     contrast: float = 0.4
@@ -50,13 +62,11 @@ class AugmentConfig:
     out_size: int | None = None
 
 
-def _crop_affine(n: int, h: int, w: int, cfg: AugmentConfig, g: torch.Generator,
-                 device: torch.device) -> torch.Tensor:
-    """n x 2 x 3 affine maps (normalised coordinates) of random resized crops, flips included.
-
-    torchvision's RandomResizedCrop.get_params, vectorised: up to 10 (area, aspect) draws per
-    image, the first that fits wins, else a centre crop with the aspect clamped to the range.
-    """
+def _torchvision_crop_sizes(n: int, h: int, w: int, cfg: AugmentConfig, g: torch.Generator,
+                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Crop sides in pixels as torchvision's RandomResizedCrop.get_params draws them, vectorised:
+    up to 10 (area, aspect) draws per image, the first that fits wins, else (`ok` False) a
+    centre crop with the aspect clamped to the range."""
     t = _CROP_TRIES
     area = h * w * torch.empty(n, t, device=device).uniform_(*cfg.crop_scale, generator=g)
     log_r = torch.empty(n, t, device=device).uniform_(
@@ -76,6 +86,35 @@ def _crop_affine(n: int, h: int, w: int, cfg: AugmentConfig, g: torch.Generator,
     ok = fits.any(dim=1)
     cw = torch.where(ok, cw, torch.full_like(cw, fw))
     ch = torch.where(ok, ch, torch.full_like(ch, fh))
+    return cw, ch, ok
+
+
+def _clamped_crop_sizes(n: int, h: int, w: int, cfg: AugmentConfig, g: torch.Generator,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Crop sides in pixels from one (area, aspect) draw per image, each side clamped to the
+    image instead of redrawn. A draw that does not fit keeps the whole extent on one side, so
+    views are larger on average than torchvision's (mean area 0.64 vs 0.59 at scale 0.3-1 on
+    a square image) and about 8 % of them cover more than 90 % of it (torchvision: 3 %)."""
+    area = h * w * torch.empty(n, device=device).uniform_(*cfg.crop_scale, generator=g)
+    log_r = torch.empty(n, device=device).uniform_(
+        math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]), generator=g)
+    ratio = torch.exp(log_r)
+    cw = torch.sqrt(area * ratio).clamp(max=float(w))
+    ch = torch.sqrt(area / ratio).clamp(max=float(h))
+    return cw, ch, torch.ones(n, dtype=torch.bool, device=device)
+
+
+CROP_MODES = {"clamped": _clamped_crop_sizes, "torchvision": _torchvision_crop_sizes}
+
+
+def _crop_affine(n: int, h: int, w: int, cfg: AugmentConfig, g: torch.Generator,
+                 device: torch.device) -> torch.Tensor:
+    """n x 2 x 3 affine maps (normalised coordinates) of random resized crops, flips included:
+    sides drawn by `cfg.crop_mode`, the crop placed uniformly inside the image (centred when
+    torchvision's draw fell back)."""
+    if cfg.crop_mode not in CROP_MODES:
+        raise ValueError(f"crop_mode must be one of {sorted(CROP_MODES)}, got {cfg.crop_mode!r}")
+    cw, ch, ok = CROP_MODES[cfg.crop_mode](n, h, w, cfg, g, device)
     u = torch.rand(n, 3, generator=g, device=device)
     left = torch.where(ok, u[:, 0] * (w - cw), (w - cw) / 2)  # pixels from the left edge
     top = torch.where(ok, u[:, 1] * (h - ch), (h - ch) / 2)

@@ -112,3 +112,46 @@ def test_config_keys_reach_the_augmentation():
     assert cfg.blur_sigma == (0.2, 2.0) and cfg.out_size == 32
     with pytest.raises(ValueError, match="blur_sigma_min <= blur_sigma_max"):
         AugmentSection(blur_sigma_min=2.0, blur_sigma_max=1.0)
+
+
+def _crop_areas(mode: str, n: int = 20000, h: int = 28, w: int = 28,
+                low: float = AugmentConfig().crop_scale[0]) -> tuple[torch.Tensor, ...]:
+    from sdr_edge.data.augment import _crop_affine
+
+    cfg = AugmentConfig(crop_mode=mode, crop_scale=(low, 1.0), flip=False)
+    theta = _crop_affine(n, h, w, cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
+    sx, sy, tx, ty = theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2]
+    return sx * sy, sx, sy, tx, ty
+
+
+@pytest.mark.parametrize("mode", ["clamped", "torchvision"])
+def test_every_crop_lies_inside_the_image_and_within_the_area_range(mode):
+    area, sx, sy, tx, ty = _crop_areas(mode)
+    assert (tx.abs() + sx <= 1 + 1e-5).all() and (ty.abs() + sy <= 1 + 1e-5).all()
+    lo, hi = AugmentConfig().crop_scale
+    assert area.max() <= hi + 1e-5
+    # torchvision's sides fit as drawn (area >= lo); a clamped side only shrinks the area
+    assert area.min() >= (lo if mode == "torchvision" else lo * 3 / 4) - 1e-5
+
+
+def test_clamped_crops_are_larger_than_torchvisions_at_the_same_scale():
+    clamped, torchvision = _crop_areas("clamped")[0], _crop_areas("torchvision")[0]
+    # one draw clamped keeps whole-extent crops that torchvision redraws (module docstring);
+    # at the default 0.4-1 torchvision's mean area is the pre-rewrite clamped 0.3-1 one's, 0.64
+    old = _crop_areas("clamped", low=0.3)[0]
+    assert abs(torchvision.mean() - old.mean()) < 0.01 and abs(old.mean() - 0.64) < 0.01
+    assert clamped.mean() > torchvision.mean() + 0.03
+    assert (clamped > 0.9).float().mean() > 2 * (torchvision > 0.9).float().mean()
+    # on a wide image the clamp keeps the full height where torchvision would redraw
+    wide = _crop_areas("clamped", h=16, w=64)[2]
+    assert (wide > 0.999).any()
+
+
+def test_crop_mode_is_checked_in_the_config_and_the_library():
+    assert AugmentSection().crop_mode == "torchvision" and AugmentSection().crop_min == 0.4
+    assert AugmentSection().to_augment_config().crop_scale == AugmentConfig().crop_scale
+    assert AugmentSection(crop_mode="clamped").to_augment_config().crop_mode == "clamped"
+    with pytest.raises(ValueError, match="crop_mode"):
+        AugmentSection(crop_mode="random")
+    with pytest.raises(ValueError, match="crop_mode must be one of"):
+        augment_batch(_batch(2), AugmentConfig(crop_mode="random"), torch.Generator())

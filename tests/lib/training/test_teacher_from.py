@@ -105,3 +105,8 @@ def test_recipe_names_and_plans():
     long = plan_of(budget, "deep2+long")  # order matters: deep2 splits, then long doubles
     assert long.branching == (4, 4) and long.level_epochs == tuple(2 * e for e in deep.level_epochs)
     assert plan_of(budget, "shallow-coarse").overrides["routing"]["level_stages"] == [0, 1, 2, 3]
+    # round 6's crops: the old default's area range, and the pre-rewrite clamped crop
+    assert plan_of(budget, "deep2+crop0.3").overrides == {"augment": {"crop_min": 0.3}}
+    clamped = recipe_config(budget, "deep2+clamped", 0, Path("base"))
+    assert clamped["augment"] == {"crop_mode": "clamped", "crop_min": 0.3}
+    assert config_from_dict(clamped).augment.to_augment_config().crop_mode == "clamped"
