@@ -15,6 +15,11 @@ import json
 import sys
 from pathlib import Path
 
+# sdr_edge.bench.recipes.RECIPES, kept here so that building the parser imports no torch
+# (tests/apps/server_cli checks that the two agree)
+RECIPE_NAMES = ("base", "kd0", "kd0.9", "experts", "lr0.2", "elr", "coarse4", "deep2",
+                "shallow-coarse", "early", "long", "crop0.3", "clamped")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", default="cpu", choices=("minute", "cpu", "full"),
@@ -46,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipes", metavar="LIST",
                         help="instead of the claim, compare SDR recipes on one teacher per seed "
                              "(comma-separated; join recipes with '+'; base always runs): "
-                             "base, kd0, kd0.9, experts, lr0.2, coarse4, deep2, shallow-coarse. "
+                             f"{', '.join(RECIPE_NAMES)}. "
                              "Writes OUT/recipes.json and OUT/recipes.md")
 
 
