@@ -61,6 +61,11 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.1, 1.5)
     out_size: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.crop_mode not in CROP_MODES:  # once here, not on every batch
+            raise ValueError(f"crop_mode must be one of {sorted(CROP_MODES)}, "
+                             f"got {self.crop_mode!r}")
+
 
 def _torchvision_crop_sizes(n: int, h: int, w: int, cfg: AugmentConfig, g: torch.Generator,
                             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,8 +117,6 @@ def _crop_affine(n: int, h: int, w: int, cfg: AugmentConfig, g: torch.Generator,
     """n x 2 x 3 affine maps (normalised coordinates) of random resized crops, flips included:
     sides drawn by `cfg.crop_mode`, the crop placed uniformly inside the image (centred when
     torchvision's draw fell back)."""
-    if cfg.crop_mode not in CROP_MODES:
-        raise ValueError(f"crop_mode must be one of {sorted(CROP_MODES)}, got {cfg.crop_mode!r}")
     cw, ch, ok = CROP_MODES[cfg.crop_mode](n, h, w, cfg, g, device)
     u = torch.rand(n, 3, generator=g, device=device)
     left = torch.where(ok, u[:, 0] * (w - cw), (w - cw) / 2)  # pixels from the left edge
