@@ -57,6 +57,37 @@ def rerun(out: Path, recipe: str, name: str, seed: int, budget_options: dict) ->
     return result
 
 
+#: What decides which images a recipe evaluation probes and against how many random routes: a
+#: stored evaluation is comparable with this rerun only when these budget fields agree (the
+#: fine-tune fields do not enter a recipe evaluation, which probes only).
+EVALUATION_FIELDS = ("pool", "pool_limit", "image_size", "task_set", "task_limit",
+                     "random_routes")
+
+
+def comparable_result(path: Path, budget: Budget) -> dict:
+    """The result stored at `path`, refused in one line when it was evaluated on other tasks.
+
+    Why: runs/recipes_nozg keeps 2,000-image evaluations beside whole-task-set reruns under the
+    same recipe names, and pairing the two mixes test sets (a +1.9 that was really -3.5)."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SystemExit(f"recipe_rerun: no stored evaluation {path}") from None
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"recipe_rerun: {path} is not a readable evaluation ({exc})") from None
+    theirs = stored.get("key", {}).get("budget") if isinstance(stored, dict) else None
+    if not isinstance(theirs, dict) or "result" not in stored:
+        raise SystemExit(f"recipe_rerun: {path} has no key.budget or no result, so its tasks "
+                         "are unknown; compare only with bench or recipe_rerun records")
+    ours = record_key("", 0, budget)["budget"]
+    for name in EVALUATION_FIELDS:
+        if theirs.get(name) != ours.get(name):
+            raise SystemExit(f"recipe_rerun: {path} was evaluated with {name} = "
+                             f"{theirs.get(name)!r}, this rerun with {ours.get(name)!r}; compare "
+                             "evaluations of the same tasks")
+    return stored["result"]
+
+
 def task_mean(evaluation: dict, metric: str) -> float:
     return float(np.mean([t[metric] for t in evaluation["tasks"] if t[metric] is not None]))
 
@@ -97,14 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"recipe_rerun: --name {args.name!r} would overwrite a stored record")
     options = {"task_set": args.task_set, "pool_limit": args.pool_limit,
                "task_limit": args.task_limit, "pool": None, "random_routes": None}
+    budget = resolve_budget("cpu", **options)
+    # checked before training: a rerun takes minutes, a wrong --against should not
+    against = {ref: [comparable_result(args.out / "runs" / f"seed{s}" / f"recipe_{ref}.json",
+                                       budget) for s in args.seeds]
+               for ref in args.against}
     evals = [rerun(args.out, args.recipe, args.name, s, options) for s in args.seeds]
-    against = {}
-    for ref in args.against:
-        paths = [args.out / "runs" / f"seed{s}" / f"recipe_{ref}.json" for s in args.seeds]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise SystemExit(f"recipe_rerun: no stored evaluation {missing[0]}")
-        against[ref] = [json.loads(p.read_text(encoding="utf-8"))["result"] for p in paths]
     result = {"command": " ".join(sys.argv), "load_average": list(os.getloadavg()),
               "seeds": args.seeds, **summary(args.name, evals, against)}
     print(json.dumps(result, indent=2))

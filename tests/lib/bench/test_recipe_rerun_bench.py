@@ -50,7 +50,7 @@ def test_a_stored_rerun_is_reused_not_retrained(rerun, tmp_path, capsys):
                "random_routes": None}  # main()'s defaults
     key = rerun.record_key("deep2", 0, rerun.resolve_budget("cpu", **options))
     (seed / "recipe_x.json").write_text(json.dumps({"key": key, "result": _eval(0, 0.7, 0.6)}))
-    (seed / "recipe_deep2.json").write_text(json.dumps({"result": _eval(0, 0.65, 0.6)}))
+    (seed / "recipe_deep2.json").write_text(json.dumps({"key": key, "result": _eval(0, 0.65, 0.6)}))
     assert rerun.main(["--out", str(tmp_path), "--recipe", "deep2", "--name", "x",
                        "--against", "deep2"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -59,3 +59,23 @@ def test_a_stored_rerun_is_reused_not_retrained(rerun, tmp_path, capsys):
     # a record made for another recipe (or budget) under that name is refused, not reused
     with pytest.raises(SystemExit, match="recipe_x.json was made for another recipe"):
         rerun.main(["--out", str(tmp_path), "--recipe", "coarse4", "--name", "x"])
+
+
+def test_refuses_to_pair_with_an_evaluation_of_other_tasks(rerun, tmp_path):
+    """A 2,000-image evaluation beside a whole-task-set rerun: refused before any training,
+    naming the file and the field (an unkeyed record too)."""
+    seed = tmp_path / "runs" / "seed0"
+    seed.mkdir(parents=True)
+    small = rerun.resolve_budget("cpu", task_set="domains", pool_limit=None, task_limit=2000,
+                                 pool=None, random_routes=None)
+    (seed / "recipe_deep2.json").write_text(json.dumps(
+        {"key": rerun.record_key("deep2", 0, small), "result": _eval(0, 0.65, 0.6)}))
+    with pytest.raises(SystemExit, match=r"recipe_deep2.json was evaluated with task_limit = "
+                                         r"2000, this rerun with None"):
+        rerun.main(["--out", str(tmp_path), "--recipe", "deep2", "--name", "x",
+                    "--task-limit", "0", "--against", "deep2"])
+    (seed / "recipe_old.json").write_text(json.dumps({"result": _eval(0, 0.65, 0.6)}))
+    with pytest.raises(SystemExit, match="recipe_old.json has no key.budget"):
+        rerun.main(["--out", str(tmp_path), "--recipe", "deep2", "--name", "x",
+                    "--against", "old"])
+    assert sorted(p.name for p in seed.iterdir()) == ["recipe_deep2.json", "recipe_old.json"]
