@@ -115,7 +115,9 @@ RECIPES: dict[str, tuple[str, Callable[[Plan], None]]] = {
                 "stay the teacher's)", lambda p: p.set("schedule", "level_train", "experts")),
     "lr0.2": ("level phases restart at 0.2 x the base learning rate",
               lambda p: p.set("schedule", "level_lr_scale", 0.2)),
-    "lr2": ("level phases restart at 2 x the base learning rate (experts move further)",
+    "lr1": ("level phases restart at the base learning rate (the default before round 7)",
+            lambda p: p.set("schedule", "level_lr_scale", 1.0)),
+    "lr2": ("level phases restart at 2 x the base learning rate (the default since round 7)",
             lambda p: p.set("schedule", "level_lr_scale", 2.0)),
     "elr": ("per-cell expert learning rate: a stage of B experts learns at B x the rate "
             "(the batch mean gives each expert ~1/B of the gradient)",

@@ -111,6 +111,6 @@ def test_recipe_names_and_plans():
     assert clamped["augment"] == {"crop_mode": "clamped", "crop_min": 0.3}
     assert config_from_dict(clamped).augment.to_augment_config().crop_mode == "clamped"
     # round 7's learning-rate restarts of the level phases, within the config's bound (<= 4)
-    for name, scale in (("deep2+lr0.2", 0.2), ("deep2+lr2", 2.0)):
+    for name, scale in (("deep2+lr0.2", 0.2), ("deep2+lr1", 1.0), ("deep2", 2.0)):
         cfg = config_from_dict(recipe_config(budget, name, 0, Path("base")))
         assert cfg.schedule.level_lr_scale == scale and cfg.routing.branching == (4, 4)
