@@ -75,11 +75,12 @@ def comparable_result(path: Path, budget: Budget) -> dict:
         raise SystemExit(f"recipe_rerun: no stored evaluation {path}") from None
     except (OSError, ValueError) as exc:
         raise SystemExit(f"recipe_rerun: {path} is not a readable evaluation ({exc})") from None
-    theirs = stored.get("key", {}).get("budget") if isinstance(stored, dict) else None
+    key = stored.get("key") if isinstance(stored, dict) else None
+    theirs = key.get("budget") if isinstance(key, dict) else None
     if not isinstance(theirs, dict) or "result" not in stored:
         raise SystemExit(f"recipe_rerun: {path} has no key.budget or no result, so its tasks "
                          "are unknown; compare only with bench or recipe_rerun records")
-    ours = record_key("", 0, budget)["budget"]
+    ours = json.loads(json.dumps(budget.to_dict()))  # as a stored record reads it back
     for name in EVALUATION_FIELDS:
         if theirs.get(name) != ours.get(name):
             raise SystemExit(f"recipe_rerun: {path} was evaluated with {name} = "
