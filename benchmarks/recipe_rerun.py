@@ -34,8 +34,7 @@ def record_key(recipe: str, seed: int, budget: Budget) -> dict:
     return json.loads(json.dumps({"recipe": recipe, "seed": seed, "budget": budget.to_dict()}))
 
 
-def rerun(out: Path, recipe: str, name: str, seed: int, budget_options: dict) -> dict:
-    budget = resolve_budget("cpu", **budget_options)
+def rerun(out: Path, recipe: str, name: str, seed: int, budget: Budget) -> dict:
     key = record_key(recipe, seed, budget)
     root = out / "runs" / f"seed{seed}"
     if not (root / "base" / "teacher.safetensors").is_file():
@@ -80,7 +79,7 @@ def comparable_result(path: Path, budget: Budget) -> dict:
     if not isinstance(theirs, dict) or "result" not in stored:
         raise SystemExit(f"recipe_rerun: {path} has no key.budget or no result, so its tasks "
                          "are unknown; compare only with bench or recipe_rerun records")
-    ours = json.loads(json.dumps(budget.to_dict()))  # as a stored record reads it back
+    ours = record_key("", 0, budget)["budget"]  # as a stored record reads it back
     for name in EVALUATION_FIELDS:
         if theirs.get(name) != ours.get(name):
             raise SystemExit(f"recipe_rerun: {path} was evaluated with {name} = "
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     against = {ref: [comparable_result(args.out / "runs" / f"seed{s}" / f"recipe_{ref}.json",
                                        budget) for s in args.seeds]
                for ref in args.against}
-    evals = [rerun(args.out, args.recipe, args.name, s, options) for s in args.seeds]
+    evals = [rerun(args.out, args.recipe, args.name, s, budget) for s in args.seeds]
     result = {"command": " ".join(sys.argv), "load_average": list(os.getloadavg()),
               "seeds": args.seeds, **summary(args.name, evals, against)}
     print(json.dumps(result, indent=2))

@@ -220,8 +220,7 @@ class AugmentSection(_Section):
     def to_augment_config(self, out_size: int | None = None) -> AugmentConfig:
         """The augmentation of training views, written at `out_size` (the training size)."""
         return AugmentConfig(crop_scale=(self.crop_min, self.crop_max), crop_mode=self.crop_mode,
-                             flip=self.flip,
-                             brightness=self.jitter, contrast=self.jitter,
+                             flip=self.flip, brightness=self.jitter, contrast=self.jitter,
                              saturation=self.saturation, hue=self.hue, jitter_p=self.jitter_p,
                              grayscale_p=self.grayscale_p, blur_p=self.blur_p,
                              blur_sigma=(self.blur_sigma_min, self.blur_sigma_max),
