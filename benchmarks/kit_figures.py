@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sdr_edge.artifacts.run_dir import KIT_DIR, load_codebooks, load_teacher
-from sdr_edge.clustering import assign_codes
+from sdr_edge.artifacts.run_dir import KIT_DIR, codebook_kind, load_codebooks, load_teacher
+from sdr_edge.clustering import assign_codes, assign_tree_codes
 from sdr_edge.data.preprocess import normalize_batch
 from sdr_edge.data.sources import load_source
 from sdr_edge.routing.kit_runtime import KitRunner
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher, spec = load_teacher(args.run)
     src = load_source(args.source, spec.image_size, spec.channels, limit=args.limit)
     emb = extract_features(teacher, src.images, spec)
-    codes = assign_codes(emb, [c.numpy() for c in load_codebooks(args.run)])
+    assign = assign_tree_codes if codebook_kind(args.run) == "tree" else assign_codes
+    codes = assign(emb, [c.numpy() for c in load_codebooks(args.run)])
     preds = []
     for start in range(0, len(src), 512):
         levels = runner.probabilities(normalize_batch(src.images[start:start + 512], runner.spec))

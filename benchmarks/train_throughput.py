@@ -76,7 +76,7 @@ def main() -> None:
         return SimSiamHeads(bcfg.feature_dim, cfg.ssl.proj_dim, cfg.ssl.pred_hidden)
 
     unified = SiameseNet(Backbone(bcfg), heads()).to(device)
-    net = SDRnet(bcfg, cfg.routing.branching, cfg.resolved_level_stages())
+    net = SDRnet(bcfg, cfg.routing.branching, cfg.resolved_level_stages(), cfg.routing.codes)
     for r in range(net.levels):
         net.split_level(r)
     routed = SiameseNet(net, heads()).to(device)

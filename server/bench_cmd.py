@@ -18,7 +18,7 @@ from pathlib import Path
 # sdr_edge.bench.recipes.RECIPES, kept here so that building the parser imports no torch
 # (tests/apps/server_cli checks that the two agree)
 RECIPE_NAMES = ("base", "kd0", "kd0.9", "experts", "lr0.2", "lr1", "lr2", "elr", "coarse4", "deep2",
-                "shallow-coarse", "early", "long", "crop0.3", "clamped")
+                "shallow-coarse", "early", "long", "crop0.3", "clamped", "tree")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from sdr_edge.artifacts.atomic import atomic_write_text, sha256_file
-from sdr_edge.artifacts.weights import load_tensors, save_tensors
+from sdr_edge.artifacts.weights import load_tensors, read_metadata, save_tensors
 from sdr_edge.data.preprocess import InputSpec
 from sdr_edge.errors import SdrEdgeError
 from sdr_edge.models.resnet import Backbone, BackboneConfig
@@ -95,15 +95,30 @@ def load_teacher(run_dir: str | Path) -> tuple[Backbone, InputSpec]:
     return backbone.eval(), InputSpec.from_dict(meta["input_spec"])
 
 
-def save_codebooks(run_dir: str | Path, codebooks: list[torch.Tensor]) -> Path:
+def save_codebooks(run_dir: str | Path, codebooks: list[torch.Tensor],
+                   codes: str = "residual") -> Path:
+    """Per-level centroids. Tree codebooks (`codes = "tree"`) hold one row per tree node, so
+    their metadata records the kind and the branching (B_r children per node); a residual
+    run's metadata is as before tree codes existed, which keeps its run id."""
+    rows = [int(c.shape[0]) for c in codebooks]
+    meta: dict = {"levels": len(codebooks), "branching": rows}
+    if codes == "tree":
+        meta["branching"] = [r // p for r, p in zip(rows, [1, *rows[:-1]], strict=True)]
+        meta["codes"] = "tree"
     return save_tensors(Path(run_dir) / CODEBOOKS,
-                        {f"level_{r}": c for r, c in enumerate(codebooks)},
-                        {"levels": len(codebooks), "branching": [int(c.shape[0]) for c in codebooks]})
+                        {f"level_{r}": c for r, c in enumerate(codebooks)}, meta)
 
 
 def load_codebooks(run_dir: str | Path) -> list[torch.Tensor]:
     tensors, meta = load_tensors(_require(Path(run_dir) / CODEBOOKS))
     return [tensors[f"level_{r}"] for r in range(int(meta["levels"]))]
+
+
+def codebook_kind(run_dir: str | Path) -> str:
+    """"tree" or "residual": which assignment (`assign_tree_codes` / `assign_codes`) gives a
+    run's codes from its codebooks."""
+    meta = read_metadata(_require(Path(run_dir) / CODEBOOKS)) or {}
+    return "tree" if meta.get("codes") == "tree" else "residual"
 
 
 def save_codes(run_dir: str | Path, codes: torch.Tensor, source: str) -> Path:

@@ -134,6 +134,9 @@ RECIPES: dict[str, tuple[str, Callable[[Plan], None]]] = {
                 "(now 40-100 %)", lambda p: p.set("augment", "crop_min", 0.3)),
     "clamped": ("the crop before issue 13's rewrite: one (area, aspect) draw of 30-100 % of "
                 "the image, each side clamped to it", _clamped),
+    "tree": ("tree codes: hierarchical k-means, each level splitting its parent's cell, one "
+             "expert per tree node (the default is residual codes)",
+             lambda p: p.set("routing", "codes", "tree")),
 }
 
 

@@ -4,6 +4,12 @@ A route is a code `(b_1, ..., b_R)`; level r is served by stage `level_stages[r]
 `branching[r]` experts. A mixed batch is partitioned per expert at each routed stage, so the
 cost per image is one sub-net's whatever K is. Levels are activated one by one
 (progressive training): before level r is active every image takes expert 0 there.
+
+Codes come in two kinds (`[routing] codes`). Residual codes (the default): digit b_r means the
+same at every parent, so stage r holds B_r experts shared by all parents. Tree codes
+(hierarchical k-means, `sdr_edge.clustering.tree_kmeans`): b_r refines the parent node, so
+stage r holds one expert per tree node, B_1 ... B_r of them, and a route's expert at level r is
+its node index (b_1 ... b_r read as a mixed-radix number). Routes, route ids and K are the same.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import torch
 from torch import nn
 
 from sdr_edge.models.resnet import Backbone, BackboneConfig, init_weights, make_stage, make_stem
+
+CODE_KINDS = ("residual", "tree")
 
 
 def default_level_stages(num_stages: int, levels: int) -> tuple[int, ...]:
@@ -67,9 +75,12 @@ class SDRnet(nn.Module):
     """A backbone with routed stages; `forward(x, codes)` with codes of shape [N, R]."""
 
     def __init__(self, cfg: BackboneConfig, branching: Sequence[int],
-                 level_stages: Sequence[int] | None = None) -> None:
+                 level_stages: Sequence[int] | None = None, codes: str = "residual") -> None:
         super().__init__()
+        if codes not in CODE_KINDS:
+            raise ValueError(f"codes must be one of {CODE_KINDS}, got {codes!r}")
         self.cfg = cfg
+        self.codes = codes
         self.branching = tuple(int(b) for b in branching)
         self.level_stages = tuple(level_stages) if level_stages is not None else \
             default_level_stages(cfg.num_stages, len(self.branching))
@@ -84,7 +95,7 @@ class SDRnet(nn.Module):
         stages: list[nn.Module] = []
         for s in range(cfg.num_stages):
             if s in self.stage_level:
-                b = self.branching[self.stage_level[s]]
+                b = self.expert_counts[self.stage_level[s]]
                 base = make_stage(cfg, s)
                 stages.append(RoutedStage([copy.deepcopy(base) for _ in range(b)]))
             else:
@@ -106,22 +117,40 @@ class SDRnet(nn.Module):
         return k
 
     @property
+    def expert_counts(self) -> tuple[int, ...]:
+        """Experts of each level's stage: B_r (residual codes) or B_1 ... B_r (tree codes)."""
+        if self.codes == "residual":
+            return self.branching
+        counts, total = [], 1
+        for b in self.branching:
+            total *= b
+            counts.append(total)
+        return tuple(counts)
+
+    @property
     def feature_dim(self) -> int:
         return self.cfg.feature_dim
 
     def arch_dict(self) -> dict:
-        return {"backbone": self.cfg.to_dict(), "branching": list(self.branching),
-                "level_stages": list(self.level_stages)}
+        """What rebuilds the net; `codes` is recorded only for tree codes, so that a residual
+        run's architecture (and every file that embeds it) reads as before tree codes existed."""
+        d = {"backbone": self.cfg.to_dict(), "branching": list(self.branching),
+             "level_stages": list(self.level_stages)}
+        if self.codes != "residual":
+            d["codes"] = self.codes
+        return d
 
     @classmethod
     def from_arch_dict(cls, d: dict) -> SDRnet:
-        return cls(BackboneConfig.from_dict(d["backbone"]), d["branching"], d["level_stages"])
+        return cls(BackboneConfig.from_dict(d["backbone"]), d["branching"], d["level_stages"],
+                   d.get("codes", "residual"))
 
     @classmethod
     def from_backbone(cls, backbone: Backbone, branching: Sequence[int],
-                      level_stages: Sequence[int] | None = None) -> SDRnet:
+                      level_stages: Sequence[int] | None = None,
+                      codes: str = "residual") -> SDRnet:
         """An SDRnet whose every expert starts as a copy of `backbone`'s stage."""
-        net = cls(backbone.cfg, branching, level_stages)
+        net = cls(backbone.cfg, branching, level_stages, codes)
         net.stem.load_state_dict(backbone.stem.state_dict())
         for s, stage in enumerate(net.stages):
             src = backbone.stages[s].state_dict()
@@ -152,6 +181,19 @@ class SDRnet(nn.Module):
         codes[:, active:] = 0
         return codes
 
+    def expert_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """Expert of every level's stage per image [N, R]: the effective digit (residual codes)
+        or the effective node index (tree codes; an inactive level takes expert 0)."""
+        codes = self.effective_codes(codes)
+        if self.codes == "residual":
+            return codes
+        nodes = torch.zeros_like(codes)
+        prev = torch.zeros_like(codes[:, 0])
+        for r, b in enumerate(self.branching[:int(self.active_levels)]):
+            prev = prev * b + codes[:, r]
+            nodes[:, r] = prev
+        return nodes
+
     def check_codes(self, codes: torch.Tensor, n: int) -> None:
         if codes.shape != (n, self.levels):
             raise ValueError(f"codes must have shape [{n}, {self.levels}], got {tuple(codes.shape)}")
@@ -165,11 +207,11 @@ class SDRnet(nn.Module):
         elif codes.ndim == 1:
             codes = codes[None, :].expand(x.shape[0], -1)
         self.check_codes(codes, x.shape[0])
-        codes = self.effective_codes(codes)
+        experts = self.expert_indices(codes)
         x = self.stem(x)
         for s, stage in enumerate(self.stages):
             if isinstance(stage, RoutedStage):
-                x = stage(x, codes[:, self.stage_level[s]])
+                x = stage(x, experts[:, self.stage_level[s]])
             else:
                 x = stage(x)
         return torch.flatten(self.pool(x), 1)
@@ -179,11 +221,12 @@ class SDRnet(nn.Module):
         route = [int(v) for v in route]
         codes = self.effective_codes(torch.tensor([route]))
         self.check_codes(codes, 1)
+        experts = self.expert_indices(codes)
         net = Backbone(self.cfg)
         net.stem.load_state_dict(self.stem.state_dict())
         for s, stage in enumerate(self.stages):
             if isinstance(stage, RoutedStage):
-                chosen = stage.experts[int(codes[0, self.stage_level[s]])]
+                chosen = stage.experts[int(experts[0, self.stage_level[s]])]
                 net.stages[s].load_state_dict(chosen.state_dict())
             else:
                 net.stages[s].load_state_dict(stage.state_dict())

@@ -100,6 +100,12 @@ class RoutingConfig(_Section):
 
     branching: IntTuple = (4, 4)
     level_stages: IntTuple | None = None
+    codes: Literal["residual", "tree"] = "residual"
+    """How a level's digit relates to its parent's. "residual": residual k-means, digit b_r
+    means one residual direction for every parent, and stage r holds B_r shared experts.
+    "tree": hierarchical k-means, b_r splits the parent's cell, and stage r holds one expert
+    per node (B_1 ... B_r). Residual stays the default until the bench recipe `tree` shows
+    otherwise (README, round 8)."""
 
     @field_validator("branching")
     @classmethod

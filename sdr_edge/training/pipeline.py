@@ -512,11 +512,12 @@ class Trainer:
             result = fit_sample_assign_chunks(emb, self.cfg.routing.branching,
                                               rows=self.train_index, sample=c.sample,
                                               iters=c.iters, seed=self.cfg.train.seed,
-                                              backend=c.backend, size_rows=self.train_index)
+                                              backend=c.backend, size_rows=self.train_index,
+                                              tree=self.cfg.routing.codes == "tree")
             codes = torch.from_numpy(result.codes)
             books = [torch.from_numpy(np.asarray(b, dtype=np.float32))
                      for b in result.fit.codebooks]
-            self._wrote(rd.save_codebooks(self.run_dir, books))
+            self._wrote(rd.save_codebooks(self.run_dir, books, self.cfg.routing.codes))
             self._wrote(rd.save_codes(self.run_dir, codes, self.cfg.data.source))
             self.metrics.epoch(CLUSTER, 1, result.residual, None, time.perf_counter() - t0,
                                backend=result.fit.backend, fit_rows=len(result.fit_rows),
@@ -541,7 +542,7 @@ class Trainer:
         if self._past(level_phase(len(self.cfg.routing.branching) - 1)):
             return rd.load_sdrnet(self.run_dir)[0]
         net = SDRnet.from_backbone(teacher, self.cfg.routing.branching,
-                                   self.cfg.resolved_level_stages())
+                                   self.cfg.resolved_level_stages(), self.cfg.routing.codes)
         model = self._new_siamese(net, copy.deepcopy(teacher_heads))
         frozen = FrozenTeacher(copy.deepcopy(teacher), copy.deepcopy(teacher_heads.projector))
         frozen.to(self.env.device)
@@ -580,7 +581,7 @@ class Trainer:
         image to expert 0, so they keep the shared rate)."""
         if self.cfg.schedule.expert_lr != "per-cell":
             return []
-        return [(list(net.stages[net.level_stages[r]].parameters()), float(net.branching[r]))
+        return [(list(net.stages[net.level_stages[r]].parameters()), float(net.expert_counts[r]))
                 for r in range(level + 1)]
 
     def _kit(self, codes: torch.Tensor) -> None:
@@ -695,6 +696,8 @@ class Trainer:
             if not self.unified:
                 info["branching"] = list(self.cfg.routing.branching)
                 info["level_stages"] = list(self.cfg.resolved_level_stages())
+                if self.cfg.routing.codes != "residual":
+                    info["codes"] = self.cfg.routing.codes
             rd.write_run_manifest(self.run_dir, info)
         self._checkpoint(DONE, 0)
         self.env.barrier()

@@ -104,3 +104,37 @@ def test_zero_gamma_is_opt_in_and_zeroes_the_last_bn_of_every_residual_branch(pr
         for bn in bns:
             assert torch.equal(bn.weight, torch.full_like(bn.weight, 0.0 if id(bn) in last else 1.0))
             assert torch.equal(bn.bias, torch.zeros_like(bn.bias))
+
+
+def test_tree_codes_give_every_tree_node_its_own_expert():
+    """Tree codes: the level-2 expert is the node (parent, child), so two routes that share the
+    child digit under different parents extract different level-2 experts, and a mixed batch
+    still equals each image's own sub-net."""
+    cfg = BackboneConfig.preset("small", in_channels=1)
+    net = _trained_like(SDRnet(cfg, (4, 4), codes="tree"))
+    assert net.expert_counts == (4, 16) and net.num_subnets == 16
+    deep, shallow = (net.stages[s] for s in net.level_stages)
+    assert len(deep.experts) == 4 and len(shallow.experts) == 16
+    a, b = net.extract((0, 1)), net.extract((2, 1))
+    s = net.level_stages[1]
+    for got, node in ((a, 0 * 4 + 1), (b, 2 * 4 + 1)):
+        for p, q in zip(got.stages[s].parameters(), shallow.experts[node].parameters(), strict=True):
+            assert torch.equal(p, q)
+    x = torch.randn(12, 1, 16, 16)
+    codes = torch.randint(0, 4, (12, 2), generator=torch.Generator().manual_seed(3))
+    single = torch.cat([net.extract(c.tolist()).eval()(x[i:i + 1]) for i, c in enumerate(codes)])
+    assert torch.allclose(net(x, codes), single, atol=1e-5)
+    again = SDRnet.from_arch_dict(net.arch_dict())
+    assert again.codes == "tree" and again.expert_counts == (4, 16)
+    assert "codes" not in SDRnet(cfg, (4, 4)).arch_dict()  # residual runs read as before
+    with pytest.raises(ValueError, match="codes must be one of"):
+        SDRnet(cfg, (4, 4), codes="flat")
+
+
+def test_tree_codes_route_inactive_levels_to_expert_zero():
+    net = SDRnet(BackboneConfig.preset("small", in_channels=1), (2, 3), codes="tree").eval()
+    net.split_level(0)
+    codes = torch.tensor([[1, 2], [0, 1]])
+    assert net.expert_indices(codes).tolist() == [[1, 0], [0, 0]]
+    net.split_level(1)
+    assert net.expert_indices(codes).tolist() == [[1, 5], [0, 1]]
