@@ -12,8 +12,8 @@ Two rules that keep each image's levels together, over the same kit outputs:
   task image falls in the route's cell, under the kit's per-image probabilities. Its log is
   the score, so it ranks routes like the marginal score does when the levels are independent.
 * ``mode`` — how many task images have the route as their whole argmax code (the most frequent
-  code wins, ties broken by ``joint``): the SDR paper's "the sub-net the task's images are
-  hashed to most often".
+  code wins, ties broken by ``joint``): a majority vote over whole codes instead of one per
+  level.
 
 Both need the per-image probabilities, which a signature does not carry; they are measured by
 ``benchmarks/route_rules.py`` against the marginal rule on the same probed sub-nets.
