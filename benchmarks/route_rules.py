@@ -4,13 +4,14 @@
         [--run ... --seed 1 ...] [--limit 0] --out runs/route_rules.json
 
 Each --run pairs with the --seed at the same position (the task split seed; the bench uses the
-pre-training seed); the tasks are the mixed pool's (`sdr_edge.bench.domains`). For every (run, task) the kit's per-image probabilities on the train split
-give each rule's ranking (`sdr_edge.routing.joint`: marginal = today's signature score, joint,
-mode); sub-nets are linear-probed on the test split: all of them when the SDRnet has at most
-`--all-up-to` sub-nets, else each rule's top 3 and R seeded random routes. Per rule: routed
-accuracy, routed − random (the mean over every other probed non-top route: exact for small K),
-how often the rules agree, and the label ceiling (the route a selection fold of the train split
-picks). Prints one JSON object (with the load average) and writes it to --out.
+pre-training seed); the tasks are the mixed pool's (`sdr_edge.bench.domains`). For every
+(run, task) the kit's per-image probabilities on the train split give each rule's ranking
+(`sdr_edge.routing.joint`: marginal = today's signature score, joint, mode); sub-nets are
+linear-probed on the test split: all of them when the SDRnet has at most `--all-up-to`
+sub-nets, else each rule's top 3 and R seeded random routes. Per rule: routed accuracy, routed −
+random (random: the mean over every other sub-net when all are probed, else over the R random
+routes), how often the rules agree, and the label ceiling (the route a selection fold of the
+train split picks). Prints one JSON object (with the load average) and writes it to --out.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from tqdm import tqdm
 from sdr_edge.artifacts.run_dir import KIT_DIR, load_sdrnet
 from sdr_edge.bench.domains import domain_tasks
 from sdr_edge.bench.paper_claim import interval, task_split
-from sdr_edge.data.preprocess import normalize_batch
+from sdr_edge.data.sources import ImageSource
 from sdr_edge.routing.evaluate import random_control_routes, split_task
 from sdr_edge.routing.joint import RULES, ranked_routes
 from sdr_edge.routing.kit_runtime import KitRunner
@@ -40,8 +41,7 @@ from sdr_edge.routing.signature import all_routes
 
 def kit_probabilities(runner: KitRunner, images: np.ndarray, batch: int = 512) -> list[np.ndarray]:
     """Per-level N x B_r kit probabilities of uint8 NHWC images at the kit's input size."""
-    parts = [runner.probabilities(normalize_batch(images[i:i + batch], runner.spec))
-             for i in range(0, len(images), batch)]
+    parts = [runner.image_probabilities(images[i:i + batch]) for i in range(0, len(images), batch)]
     return [np.concatenate([p[r] for p in parts]) for r in range(len(runner.branching))]
 
 
@@ -59,21 +59,22 @@ def evaluate(run: Path, task, seed: int, all_up_to: int, random_routes: int) -> 
         randoms = random_control_routes(net.branching, routed["marginal"], random_routes, seed)
         tops = [r for rule in RULES for r, _ in ranked[rule][:3]]
         probe_set = list(dict.fromkeys(tops + randoms))
-    fit, sel = split_task_indices(len(y_tr), y_tr, seed)
+    # the selection fold of `evaluate_routing`: 25 % of the train split, stratified, seed + 1
+    fit, sel = split_task(ImageSource(task.name, x_tr, y_tr), 0.25, seed + 1)
     acc, sel_acc = {}, {}
     for route in tqdm(probe_set, desc=f"{task.name} sub-nets", leave=False):
         backbone = net.extract(route).eval()
         f_tr, f_te = extract_features(backbone, x_tr, spec), extract_features(backbone, x_te, spec)
         acc[route] = linear_probe_accuracy(f_tr, y_tr, f_te, y_te, seed=seed)
         sel_acc[route] = linear_probe_accuracy(f_tr[fit], y_tr[fit], f_tr[sel], y_tr[sel], seed=seed)
-    picked = max(probe_set, key=lambda r: (sel_acc[r], -probe_set.index(r)))
+    picked = max(probe_set, key=sel_acc.__getitem__)  # ties: the first probed
+    controls = probe_set if exhaustive else randoms
     row = {"run": str(run), "task": task.name, "seed": seed, "num_subnets": net.num_subnets,
            "exhaustive": exhaustive, "probed": len(probe_set),
            "label_pick_probe": acc[picked], "best_probe": max(acc.values()),
            "accuracy": {"-".join(map(str, r)): a for r, a in acc.items()}, "rules": {}}
     for rule in RULES:
-        pool = [r for r in (probe_set if exhaustive else randoms) if r != routed[rule]]
-        random_mean = float(np.mean([acc[r] for r in pool]))
+        random_mean = float(np.mean([acc[r] for r in controls if r != routed[rule]]))
         scores = dict(ranked[rule])
         rho = spearmanr([scores[r] for r in probe_set], [acc[r] for r in probe_set]).statistic
         row["rules"][rule] = {
@@ -81,17 +82,9 @@ def evaluate(run: Path, task, seed: int, all_up_to: int, random_routes: int) -> 
             "minus_random_points": 100.0 * (acc[routed[rule]] - random_mean),
             "minus_marginal_points": 100.0 * (acc[routed[rule]] - acc[routed["marginal"]]),
             "spearman": None if np.isnan(rho) else float(rho)}
-    row["ceiling_minus_random_points"] = 100.0 * (acc[picked] - np.mean(
-        [acc[r] for r in (probe_set if exhaustive else randoms)]))
+    row["ceiling_minus_random_points"] = 100.0 * (acc[picked]
+                                                  - np.mean([acc[r] for r in controls]))
     return row
-
-
-def split_task_indices(n: int, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The selection fold of `evaluate_routing`: 25 % of the train split, stratified, seed + 1."""
-    from sdr_edge.data.sources import ImageSource
-
-    fake = ImageSource("train split", np.zeros((n, 1, 1, 1), dtype=np.uint8), labels)
-    return split_task(fake, 0.25, seed + 1)
 
 
 def summarize(rows: list[dict]) -> dict:

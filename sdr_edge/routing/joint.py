@@ -25,7 +25,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sdr_edge.routing.signature import PROB_FLOOR, Route, all_routes
+from sdr_edge.routing.signature import (
+    PROB_FLOOR,
+    Route,
+    rank_routes,
+    route_score_grid,
+    signature_from_sums,
+)
 
 RULES = ("marginal", "joint", "mode")
 
@@ -45,10 +51,8 @@ def _normalised(probs: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 def marginal_scores(probs: Sequence[np.ndarray]) -> np.ndarray:
     """sum_r log m_r[b_r] for every route, in `all_routes` order (the signature's score)."""
-    grid = np.zeros(())
-    for p in _normalised(probs):
-        grid = grid[..., None] + np.log(np.maximum(p.mean(axis=0), PROB_FLOOR))
-    return grid.reshape(-1)
+    levels = _normalised(probs)
+    return route_score_grid(signature_from_sums([p.sum(axis=0) for p in levels], len(levels[0])))
 
 
 def joint_scores(probs: Sequence[np.ndarray]) -> np.ndarray:
@@ -83,6 +87,4 @@ def rule_scores(rule: str, probs: Sequence[np.ndarray]) -> np.ndarray:
 
 def ranked_routes(rule: str, probs: Sequence[np.ndarray]) -> list[tuple[Route, float]]:
     """Routes best first under `rule` (ties: lexicographic route order, as `score_routes`)."""
-    scores = rule_scores(rule, probs)
-    routes = all_routes([p.shape[1] for p in probs])
-    return [(routes[i], float(scores[i])) for i in np.argsort(-scores, kind="stable")]
+    return rank_routes(rule_scores(rule, probs), [p.shape[1] for p in probs])

@@ -130,12 +130,19 @@ class KitRunner:
         sums = [np.zeros(b, dtype=np.float64) for b in self.branching]
         count = 0
         for batch in batches:
-            for r, p in enumerate(self.probabilities(normalize_batch(batch, self.spec))):
-                p = np.clip(p.astype(np.float64), 0.0, None)
-                p /= np.maximum(p.sum(axis=1, keepdims=True), 1e-300)
+            for r, p in enumerate(self.image_probabilities(batch)):
                 sums[r] += p.sum(axis=0)
             count += int(batch.shape[0])
         return sums, count
+
+    def image_probabilities(self, batch_uint8: np.ndarray) -> list[np.ndarray]:
+        """A uint8 NHWC batch (at the spec size) -> one N x B_r float64 array per level, each
+        image's row renormalised to sum to exactly 1."""
+        out = []
+        for p in self.probabilities(normalize_batch(batch_uint8, self.spec)):
+            p = np.clip(p.astype(np.float64), 0.0, None)
+            out.append(p / np.maximum(p.sum(axis=1, keepdims=True), 1e-300))
+        return out
 
 
 def _batches(images: Iterable[np.ndarray], spec: InputSpec, batch_size: int) -> Iterator[np.ndarray]:

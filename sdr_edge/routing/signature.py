@@ -329,13 +329,21 @@ def all_routes(branching: Sequence[int]) -> list[Route]:
     return routes
 
 
-def score_routes(sig: Signature) -> list[tuple[Route, float]]:
-    """Every sub-net's score, best first (ties: lexicographic route order)."""
+def route_score_grid(sig: Signature) -> np.ndarray:
+    """Every sub-net's score, in `all_routes` order."""
     logs = [np.log(np.maximum(level, PROB_FLOOR)) for level in sig.as_arrays()]
     grid = logs[0]
     for lv in logs[1:]:
         grid = grid[..., None] + lv
-    flat = grid.reshape(-1)
-    routes = all_routes(sig.branching)
-    order = np.argsort(-flat, kind="stable")
-    return [(routes[i], float(flat[i])) for i in order]
+    return grid.reshape(-1)
+
+
+def rank_routes(scores: np.ndarray, branching: Sequence[int]) -> list[tuple[Route, float]]:
+    """Scores in `all_routes` order -> (route, score) best first (ties: lexicographic order)."""
+    routes = all_routes(branching)
+    return [(routes[i], float(scores[i])) for i in np.argsort(-scores, kind="stable")]
+
+
+def score_routes(sig: Signature) -> list[tuple[Route, float]]:
+    """Every sub-net's score, best first (ties: lexicographic route order)."""
+    return rank_routes(route_score_grid(sig), sig.branching)
