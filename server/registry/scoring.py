@@ -1,9 +1,10 @@
 """The few best-scoring routes of a signature, for every /v1/route answer.
 
-Same score and order as `sdr_edge.routing.signature.score_routes` (sum of floored log mean
-probabilities; best first, ties in lexicographic route order; a test checks they agree), but
-the route table is built once and only the top k are turned into Python objects: that is
-most of the CPU a /v1/route request costs, and the registry answers thousands per second.
+Same score (`sdr_edge.routing.signature.route_score_grid`: sum of floored log mean
+probabilities) and order as `score_routes` (best first, ties in lexicographic route order; a
+test checks they agree), but the route table is built once and only the top k are turned
+into Python objects: that is most of the CPU a /v1/route request costs, and the registry
+answers thousands per second.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sdr_edge.routing.signature import PROB_FLOOR, Signature, all_routes
+from sdr_edge.routing.signature import Signature, all_routes, route_score_grid
 
 
 class TopRoutes:
@@ -25,10 +26,6 @@ class TopRoutes:
     def __call__(self, sig: Signature, k: int) -> list[tuple[tuple[int, ...], float]]:
         if tuple(sig.branching) != self.branching:
             raise ValueError(f"signature branching {sig.branching} != {self.branching}")
-        grid = np.zeros(())
-        for level in sig.levels:
-            grid = grid[..., None] + np.log(np.maximum(np.asarray(level, dtype=np.float64),
-                                                       PROB_FLOOR))
-        flat = grid.reshape(-1)
+        flat = route_score_grid(sig)
         order = np.argsort(-flat, kind="stable")[:k]
         return [(tuple(int(d) for d in self.routes[i]), float(flat[i])) for i in order]
