@@ -20,7 +20,7 @@ import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     AliasPath,
@@ -54,7 +54,7 @@ _TYPE_ERRORS = {
     "float_type": "must be a number", "int_type": "must be an integer",
     "dict_type": "must be a table", "is_instance_of": "must be a path (a string)",
 }  # fmt: skip
-_BOUNDS = {"greater_than": ">", "greater_than_equal": ">="}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than_equal": "<="}
 _DATA_SOURCES = ("builtin:", "fashion-mnist")  # `data` values that name a source, not a folder
 
 
@@ -84,6 +84,10 @@ class AgentConfig(BaseModel):
     token: str = Field("", validation_alias=_key("registry", "token"))
     token_file: Path | None = Field(None, validation_alias=_key("registry", "token_file"))
     cacert: Path | None = Field(None, validation_alias=_key("registry", "cacert"))
+    # `sdr-client fetch --rerank`: download the top M and keep the best on the local images
+    rerank: Literal["rankme", "logme", "knn", "probe"] | None = Field(
+        None, validation_alias=_key("registry", "rerank"))
+    top_m: int = Field(8, ge=1, le=64, validation_alias=_key("registry", "top_m"))
     superlink: str = Field("", validation_alias=_key("federation", "superlink"))
     insecure: bool = Field(False, validation_alias=_key("federation", "insecure"))
     root_certificates: Path | None = Field(
@@ -214,7 +218,7 @@ def _describe(exc: ValidationError) -> list[str]:
         elif kind in _TYPE_ERRORS:
             lines.append(f"{where} {_TYPE_ERRORS[kind]}, got {error['input']!r}")
         elif kind in _BOUNDS:
-            bound = error["ctx"]["gt" if kind == "greater_than" else "ge"]
+            bound = next(iter(error["ctx"].values()))
             lines.append(f"{where} must be {_BOUNDS[kind]} {bound}, got {error['input']!r}")
         elif kind == "value_error":
             msg = str(error["ctx"]["error"]) if "ctx" in error else error["msg"]
@@ -404,17 +408,56 @@ class Agent:
             self.state.step("signature").get("signature_sha256")
 
     def _subnet_fp(self) -> str:
+        rerank = [self.cfg.rerank, self.cfg.top_m, _data_fingerprint(self.cfg.data)] \
+            if self.cfg.rerank else None  # a re-ranked pick depends on the images and labels
         return _fingerprint(self.cfg.registry_url, self.state.step("signature").get(
-            "signature_sha256"), _file_digest(self.cfg.pubkey))
+            "signature_sha256"), _file_digest(self.cfg.pubkey), rerank)
 
     def _fetch_subnet(self) -> dict:
         from sdr_edge.registry_client import fetch_bundle
 
         sig = self.cfg.signature_path.read_text(encoding="utf-8")
+        if self.cfg.rerank:
+            return self._fetch_reranked(sig)
         path = fetch_bundle(self.cfg.registry_url, self.cfg.registry_token(), sig, self.cfg.pubkey,
                             self.cfg.subnet_dir, cacert=self.cfg.cacert)
         manifest = json.loads((path / "manifest.json").read_text())
         return {"path": str(path), "route": manifest["route"]}
+
+    def _fetch_reranked(self, sig: str) -> dict:
+        """The top-M candidates verified in memory, scored on the node's images (labels from
+        its class sub-folders for logme, knn and probe), the best one written."""
+        from sdr_edge.artifacts.signing import load_public_key
+        from sdr_edge.artifacts.staging import check_replaceable_dir, resolve_out
+        from sdr_edge.artifacts.transfer import write_files_atomically
+        from sdr_edge.federated.node_data import NodeDataError, load_partition
+        from sdr_edge.registry_client import fetch_candidates
+
+        try:
+            from sdr_edge.routing.device_rerank import rerank_bundles
+        except ImportError as exc:
+            raise AgentError(f"subnet: registry.rerank: {exc}") from exc
+        check_replaceable_dir(resolve_out(self.cfg.subnet_dir))  # before any download
+        candidates = fetch_candidates(self.cfg.registry_url, self.cfg.registry_token(), sig,
+                                      self.cfg.pubkey, self.cfg.top_m, cacert=self.cfg.cacert)
+        spec = json.loads(candidates[0][1]["manifest.json"])["input_spec"]
+        try:
+            source = load_partition(self._node_data_config(), int(spec["image_size"]),
+                                    int(spec["channels"]))
+        except NodeDataError as exc:
+            raise AgentError(f"subnet: {exc}") from exc
+        labels = None if self.cfg.rerank == "rankme" else source.labels
+        if self.cfg.rerank != "rankme" and (labels is None or len(set(labels.tolist())) < 2):
+            raise AgentError(f"subnet: registry.rerank = {self.cfg.rerank!r} needs labels: "
+                             f"agent.data {self.cfg.data!r} must hold one sub-folder per class")
+        choice = rerank_bundles([files for _, files in candidates],
+                                load_public_key(self.cfg.pubkey), source.images,
+                                self.cfg.rerank, labels)
+        route, files = candidates[choice.index]
+        path = write_files_atomically(files, self.cfg.subnet_dir)
+        return {"path": str(path), "route": list(route), "rerank": self.cfg.rerank,
+                "signature_rank": choice.index + 1, "candidates": len(candidates),
+                "device_seconds": round(choice.seconds, 3)}
 
     def _subnet_ok(self) -> bool:
         return self._verifies(self.cfg.subnet_dir, self.cfg.pubkey)

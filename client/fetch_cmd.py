@@ -34,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rerank = parser.add_argument_group(
         "re-ranking on the device (with --signature; needs torch)",
         "download the top M routed sub-nets, run each on local images and keep the best: "
-        "rankme needs no labels, logme and knn need one sub-folder per class in --images")
-    rerank.add_argument("--rerank", choices=("rankme", "logme", "knn"),
+        "rankme needs no labels; logme, knn and probe (cross-validated linear probe) need one "
+        "sub-folder per class in --images")
+    rerank.add_argument("--rerank", choices=("rankme", "logme", "knn", "probe"),
                         help="score the top-M candidates on --images and keep the best")
     rerank.add_argument("--top-m", type=int, default=8, help="candidates to download (default 8)")
     rerank.add_argument("--images", type=Path, help="local images (class sub-folders for labels)")
@@ -103,7 +104,7 @@ def _local_images(folder: Path, size: int, channels: int, needs_labels: bool):
     except (ValueError, OSError) as exc:
         raise CommandError(f"--images {folder}: {exc}") from exc
     if needs_labels and (source.labels is None or len(set(source.labels.tolist())) < 2):
-        raise CommandError(f"--images {folder}: logme and knn need labels: one sub-folder per "
+        raise CommandError(f"--images {folder}: logme, knn and probe need labels: one sub-folder per "
                            "class, at least two classes")
     if len(source) < 2:
         raise CommandError(f"--images {folder}: need at least two readable images")

@@ -26,7 +26,7 @@ from sdr_edge.routing.probe import extract_features, linear_probe_accuracy
 from sdr_edge.routing.signature import Route, score_routes
 from sdr_edge.routing.transferability import score_features
 
-OPTIONS = ("signature", "rankme", "logme", "knn")
+OPTIONS = ("signature", "rankme", "logme", "knn", "probe")
 
 
 def few_labels(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:

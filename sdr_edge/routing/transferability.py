@@ -12,6 +12,12 @@ helped footwear). These scores look at the candidate's *features* on the device'
   one-hot labels, maximised over its prior and noise precisions by the paper's fixed-point
   iteration, averaged over classes and divided by N. Needs a few labels; higher is better.
 * **kNN** leave-one-out accuracy on the labelled images (cosine, k neighbours).
+* **probe**: the cross-validated accuracy of the very linear probe the sub-net is judged by
+  (standardised features, multinomial logistic regression; stratified k-fold over the labelled
+  images, scikit-learn's ``cross_val_score``). The direct estimate that LogME approximates in
+  closed form ("Ranking models by linear-probe validation accuracy" is the baseline of the
+  transferability literature, e.g. Kornblith et al., "Do Better ImageNet Models Transfer
+  Better?", CVPR 2019); it costs k probe fits per candidate.
 
 Written here rather than taken from a package: RankMe is three lines of NumPy, and LogME's
 reference code (thuml/LogME) is not published on PyPI.
@@ -101,17 +107,45 @@ def knn_loo_accuracy(features: np.ndarray, labels: np.ndarray, k: int = 5) -> fl
     return float((classes[votes.argmax(axis=1)] == y).mean())
 
 
-RERANK_METHODS = ("rankme", "logme", "knn")
+def probe_cv_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 5,
+                      seed: int = 0) -> float:
+    """Mean stratified k-fold accuracy of the linear probe (`routing.probe`'s model) on the
+    labelled images; k drops to the smallest class's count when a class has fewer images."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    f = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels)
+    if f.ndim != 2 or f.shape[0] != y.shape[0]:
+        raise TransferabilityError(f"probe needs N x D features and N labels, got {f.shape} and {y.shape}")
+    classes, counts = np.unique(y, return_counts=True)
+    k = min(folds, int(counts.min()))
+    if len(classes) < 2 or k < 2:
+        raise TransferabilityError("probe re-ranking needs two classes with at least two "
+                                   f"labelled images each, got counts {counts.tolist()}")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    with threadpool_limits(limits=1):  # tiny BLAS problems: one thread (see routing.probe)
+        return float(cross_val_score(probe, f, y, cv=splits).mean())
+
+
+RERANK_METHODS = ("rankme", "logme", "knn", "probe")
+LABELLED_METHODS = ("logme", "knn", "probe")
 
 
 def score_features(method: str, features: np.ndarray, labels: np.ndarray | None = None) -> float:
-    """One candidate's re-ranking score by `method` (labels needed for logme and knn)."""
+    """One candidate's re-ranking score by `method` (labels needed for all but rankme)."""
     if method == "rankme":
         return rankme(features)
     if method not in RERANK_METHODS:
         raise TransferabilityError(f"unknown re-ranking method {method!r} ({', '.join(RERANK_METHODS)})")
     if labels is None:
         raise TransferabilityError(f"re-ranking by {method} needs labels for the local images")
+    if method == "probe":
+        return probe_cv_accuracy(features, labels)
     return logme(features, labels) if method == "logme" else knn_loo_accuracy(features, labels)
 
 

@@ -97,6 +97,43 @@ def test_agent_resumes_after_a_failed_step_and_reverifies(registry, tmp_path, ca
     assert Signature.from_json((state_dir / "signature.json").read_text()).count == 20
 
 
+def test_agent_reranks_the_top_m_on_its_labelled_images(registry, tmp_path, caplog, capsys):
+    """`[registry] rerank`: the kept sub-net is the best-scored of the signature's top M, and
+    changing the option redoes only the sub-net step."""
+    from sdr_edge.registry_client import post_route
+
+    data = tmp_path / "images"
+    add_images(data)
+    config = tmp_path / "agent.toml"
+    write_config(config, registry, data)
+    with config.open("a") as f:
+        f.write('rerank = "knn"\ntop_m = 2\n')
+    code, text = agent(config, caplog)
+    assert code == 0, text
+    state = json.loads((tmp_path / "state" / STATE_FILE).read_text())["steps"]["subnet"]
+    assert state["rerank"] == "knn" and state["candidates"] == 2
+    sig = json.loads((tmp_path / "state" / "signature.json").read_text())
+    top = [r["route"] for r in post_route(registry.url, registry.token, sig, top=2)["scores"]]
+    assert state["route"] == top[state["signature_rank"] - 1]
+    assert list(load_bundle(tmp_path / "state" / "subnet",
+                            load_public_key(registry.pubkey)).route) == state["route"]
+    config.write_text(config.read_text().replace("top_m = 2", "top_m = 3"))
+    code, text = agent(config, caplog)
+    assert code == 0 and "signature: already done" in text and "subnet: starting" in text
+    # labelled scores on a folder without class sub-folders: one line, nothing replaced
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, png in enumerate(sorted(data.glob("*/*.png"))):
+        (flat / f"{i}.png").write_bytes(png.read_bytes())
+    write_config(config, registry, flat)
+    with config.open("a") as f:
+        f.write('rerank = "logme"\n')
+    before = (tmp_path / "state" / "subnet" / "weights.safetensors").read_bytes()
+    code, _ = agent(config, caplog)
+    assert code == 2 and "registry.rerank = 'logme' needs labels" in capsys.readouterr().err
+    assert (tmp_path / "state" / "subnet" / "weights.safetensors").read_bytes() == before
+
+
 def test_agent_config_errors_are_clear(registry, tmp_path):
     config = tmp_path / "agent.toml"
     config.write_text('[agent]\ndata = "x"\n')
@@ -153,6 +190,10 @@ REGISTRY = '[registry]\nurl = "u"\npubkey = "k"\n'
      "federation.node_config values must be strings, numbers or booleans (a)"),
     ("agent = 1\n" + REGISTRY, "agent must be a table ([agent]), got 1"),
     (AGENT + '[registry]\nurl = ""\npubkey = "k"\n', "missing registry.url"),
+    (AGENT + REGISTRY + "top_m = 0\n", "registry.top_m must be >= 1, got 0"),
+    (AGENT + REGISTRY + "top_m = 65\n", "registry.top_m must be <= 64, got 65"),
+    (AGENT + REGISTRY + 'rerank = "best"\n',
+     "registry.rerank: Input should be 'rankme', 'logme', 'knn' or 'probe'"),
 ])
 def test_agent_config_refuses_each_mistake_in_one_line_naming_file_and_key(tmp_path, text, line):
     config = tmp_path / "agent.toml"

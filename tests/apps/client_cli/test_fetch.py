@@ -317,7 +317,7 @@ def test_rerank_keeps_the_best_scored_of_the_top_m(registry, tmp_path, capsys):
     images = _digit_folder(tmp_path / "images")
     top = post_route(registry.url, registry.token, SIG, top=4)["scores"]
     assert len(top) == 4
-    for method in ("knn", "rankme"):
+    for method in ("knn", "rankme", "probe"):
         out = tmp_path / f"bundle-{method}"
         assert fetch_cli(registry, out, "--signature", str(sig_path), "--rerank", method,
                          "--top-m", "4", "--images", str(images)) == 0

@@ -1,11 +1,19 @@
-"""Re-ranking scores: RankMe tracks rank, LogME and kNN prefer features that carry the labels."""
+"""Re-ranking scores: RankMe tracks rank, LogME, kNN and the probe prefer features that carry the labels."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from sdr_edge.routing.transferability import knn_loo_accuracy, logme, rankme, rerank
+from sdr_edge.routing.transferability import (
+    TransferabilityError,
+    knn_loo_accuracy,
+    logme,
+    probe_cv_accuracy,
+    rankme,
+    rerank,
+    score_features,
+)
 
 
 def test_rankme_counts_equal_directions() -> None:
@@ -57,6 +65,27 @@ def test_knn_loo_and_rerank_order() -> None:
         rerank([(0, 0)], feats.__getitem__, "logme")
 
 
+def test_probe_cv_ranks_by_held_out_accuracy_and_refuses_too_few_labels() -> None:
+    """The cross-validated probe scores held-out folds: separable features near 1, features
+    that carry no label near chance (a probe scored on its own training images would not be)."""
+    rng = np.random.default_rng(4)
+    labels = np.repeat(np.arange(4), 10)
+    centres = rng.normal(size=(4, 32)) * 4
+    useful = centres[labels] + rng.normal(size=(40, 32))
+    noise = rng.normal(size=(40, 32))
+    assert probe_cv_accuracy(useful, labels) >= 0.95
+    assert probe_cv_accuracy(noise, labels) < 0.5  # 32 dims > 10 per class: memorisable
+    assert score_features("probe", useful, labels) == probe_cv_accuracy(useful, labels)
+    # 5 folds need 5 images per class; with 3 the folds drop to 3, with 1 it is refused
+    three = np.concatenate([np.flatnonzero(labels == c)[:3] for c in range(4)])
+    assert probe_cv_accuracy(useful[three], labels[three]) >= 0.9
+    one = three[2:]  # class 0 keeps a single image
+    with pytest.raises(TransferabilityError, match="at least two labelled images each"):
+        probe_cv_accuracy(useful[one], labels[one])
+    with pytest.raises(TransferabilityError, match="needs labels"):
+        score_features("probe", useful)
+
+
 def test_rerank_eval_on_a_tiny_run(tmp_path) -> None:
     """Every option picks one of the top-M signature candidates; costs and regrets add up."""
     from helpers_rundir import build_tiny_run
@@ -79,6 +108,8 @@ def test_rerank_eval_on_a_tiny_run(tmp_path) -> None:
     sig_bytes = res["options"]["signature"]["bytes"]
     assert sig_bytes > 1000 and res["options"]["rankme"]["bytes"] == 4 * sig_bytes
     # the re-ranked pick is the candidate with the highest score of its method
-    best_knn = max(res["candidates"], key=lambda c: c["knn"])["knn"]
-    picked = next(c for c in res["candidates"] if c["route"] == res["options"]["knn"]["route"])
-    assert picked["knn"] == best_knn
+    for method in ("knn", "probe"):
+        best = max(c[method] for c in res["candidates"])
+        picked = next(c for c in res["candidates"]
+                      if c["route"] == res["options"][method]["route"])
+        assert picked[method] == best

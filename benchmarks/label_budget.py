@@ -1,0 +1,286 @@
+"""How many labels must a device hold for its route choice to pay? Label picks among the top M.
+
+    python benchmarks/label_budget.py --run runs/claim_r8/runs/seed0/sdr16 --seed 0 \
+        [--unified runs/claim_r8/runs/seed0/unified] [--run ... --seed 1 ...] [--limit 0] \
+        [--budgets 5,10,25,50,100] [--top-m 2,4,8,16] --out runs/label_budget/seed0.json
+    python benchmarks/label_budget.py --merge runs/label_budget/seed*.json --out runs/label_budget/all.json
+
+The signature (kit only, label-free) ranks every sub-net of a small SDRnet; a device holding n
+labelled images per class may download the top M and keep the one a transferability score
+rates best on those n (`sdr_edge.routing.transferability`: LogME, leave-one-out kNN, or the
+cross-validated linear probe). Every sub-net is probed on the task's test split (all of them:
+the script needs K <= 64), so routed − random is exact (the mean over the other sub-nets) and
+every (score, n, M) is judged by the same yardstick as the claim table (with `--unified`, one per
+--run, also against the unified model on the same split). Each n is drawn
+`--draws` times (nested: the n = 10 images contain the n = 5 ones); a pair's figure is the mean
+over its draws, and the intervals are over (run, task) pairs. Features of every sub-net are
+cached (`--cache`, npz, our own files) so a rerun only re-scores. Prints one JSON object (with
+the load average and the device cost: bytes downloaded and seconds of extraction + scoring).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save
+from tqdm import tqdm
+
+from sdr_edge.artifacts.run_dir import KIT_DIR, load_sdrnet
+from sdr_edge.bench.domains import domain_tasks
+from sdr_edge.bench.paper_claim import interval, task_split, unified_probe
+from sdr_edge.routing.kit_runtime import KitRunner, compute_signature
+from sdr_edge.routing.probe import extract_features, linear_probe_accuracy
+from sdr_edge.routing.rerank_eval import few_labels
+from sdr_edge.routing.signature import score_routes
+from sdr_edge.routing.transferability import LABELLED_METHODS, score_features
+
+CACHE_VERSION = 1
+
+
+def route_key(route) -> str:
+    return "-".join(map(str, route))
+
+
+def subnet_features(run: Path, task, seed: int, cache: Path) -> dict:
+    """Signature order, every sub-net's train/test features and test probe accuracy (cached)."""
+    path = cache / f"{run.parent.name}_{run.name}_{task.name}_seed{seed}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            if int(z["version"]) == CACHE_VERSION:
+                return {k: z[k] for k in z.files}
+    net, spec = load_sdrnet(run)
+    x_tr, y_tr, x_te, y_te = task_split(task, spec, seed)
+    signature = compute_signature(KitRunner(run / KIT_DIR), x_tr)
+    order = [route for route, _ in score_routes(signature)]
+    f_tr, f_te, acc, extract_s = [], [], [], 0.0
+    for route in tqdm(order, desc=f"{task.name} sub-nets", leave=False):
+        backbone = net.extract(route).eval()
+        t0 = time.perf_counter()
+        f_tr.append(extract_features(backbone, x_tr, spec))
+        extract_s += time.perf_counter() - t0
+        f_te.append(extract_features(backbone, x_te, spec))
+        acc.append(linear_probe_accuracy(f_tr[-1], y_tr, f_te[-1], y_te, seed=seed))
+    bundle_bytes = len(save({k: v.contiguous() for k, v in
+                             net.extract(order[0]).state_dict().items()}))
+    data = {"version": np.int64(CACHE_VERSION), "routes": np.asarray(order, dtype=np.int64),
+            "train_features": np.stack(f_tr), "train_labels": y_tr, "test_accuracy": np.asarray(acc),
+            "extract_seconds_per_image": np.float64(extract_s / (len(order) * len(x_tr))),
+            "bundle_bytes": np.int64(bundle_bytes), "test_images": np.int64(len(y_te))}
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **data)
+    tmp.replace(path)
+    return data
+
+
+def score_draws(data: dict, budgets: list[int], draws: int, seed: int) -> dict:
+    """scores[method][n] -> draws x K array of every sub-net's score (signature order), and the
+    seconds each (method, n) took to score one sub-net."""
+    f, y = data["train_features"], data["train_labels"]
+    scores = {m: {n: np.zeros((draws, len(f))) for n in budgets} for m in LABELLED_METHODS}
+    seconds = {m: {n: 0.0 for n in budgets} for m in LABELLED_METHODS}
+    for d in range(draws):
+        for n in budgets:
+            labelled = few_labels(y, n, seed * 1000 + d)
+            for m in LABELLED_METHODS:
+                t0 = time.perf_counter()
+                scores[m][n][d] = [score_features(m, fk[labelled], y[labelled]) for fk in f]
+                seconds[m][n] += (time.perf_counter() - t0) / (draws * len(f))
+    return {"scores": scores, "seconds": seconds}
+
+
+def pick_figures(acc: np.ndarray, scores: np.ndarray, top_m: int) -> tuple[float, float, float]:
+    """(picked − mean of the other sub-nets, best − picked, picked) in points, averaged over
+    draws; the pick is the best-scored of the signature's top M (ties: the better signature rank)."""
+    minus_random, regret, picked = [], [], []
+    for row in np.atleast_2d(scores):
+        pick = int(np.argmax(row[:top_m]))  # argmax keeps the first, i.e. better-routed, on ties
+        others = np.delete(acc, pick)
+        minus_random.append(100.0 * (acc[pick] - others.mean()))
+        regret.append(100.0 * (acc.max() - acc[pick]))
+        picked.append(100.0 * acc[pick])
+    return float(np.mean(minus_random)), float(np.mean(regret)), float(np.mean(picked))
+
+
+def figures_row(acc: np.ndarray, scores: np.ndarray, top_m: int, unified: float | None) -> dict:
+    minus_random, regret, picked = pick_figures(acc, scores, top_m)
+    row = {"minus_random_points": minus_random, "regret_points": regret, "probe_points": picked}
+    if unified is not None:
+        row["minus_unified_points"] = picked - 100.0 * unified
+    return row
+
+
+def evaluate(run: Path, task, seed: int, budgets: list[int], top_ms: list[int], draws: int,
+             cache: Path, unified: Path | None = None) -> dict:
+    data = subnet_features(run, task, seed, cache)
+    acc = data["test_accuracy"]
+    k = len(acc)
+    scored = score_draws(data, budgets, draws, seed)
+    unified_acc = None if unified is None else unified_probe(unified, task, seed)
+    row = {"run": str(run), "task": task.name, "seed": seed, "num_subnets": k,
+           "test_images": int(data["test_images"]), "train_images": int(len(data["train_labels"])),
+           "classes": int(len(np.unique(data["train_labels"]))),
+           "bundle_bytes": int(data["bundle_bytes"]),
+           "extract_seconds_per_image": float(data["extract_seconds_per_image"]),
+           "unified_probe": unified_acc,
+           "signature": figures_row(acc, np.zeros(k), 1, unified_acc),
+           "accuracy": {route_key(r): float(a) for r, a in zip(data["routes"], acc, strict=True)},
+           "options": {}}
+    for m in LABELLED_METHODS:
+        for n in budgets:
+            for top_m in top_ms:
+                if top_m > k:
+                    continue
+                row["options"][f"{m}/{n}/{top_m}"] = {
+                    **figures_row(acc, scored["scores"][m][n], top_m, unified_acc),
+                    "score_seconds_per_subnet": scored["seconds"][m][n]}
+    return row
+
+
+def device_cost(rows: list[dict], n: int, top_m: int, method: str) -> dict:
+    """Mean over tasks of what a device pays for one (method, n, M): M bundles, extraction of
+    its n x classes labelled images by M sub-nets, M scores."""
+    bytes_, secs = [], []
+    for r in rows:
+        labelled = min(n * r["classes"], r["train_images"])
+        bytes_.append(top_m * r["bundle_bytes"])
+        secs.append(top_m * (labelled * r["extract_seconds_per_image"]
+                             + r["options"][f"{method}/{n}/{top_m}"]["score_seconds_per_subnet"]))
+    return {"bytes": float(np.mean(bytes_)), "device_seconds": float(np.mean(secs))}
+
+
+def summarize(rows: list[dict]) -> dict:
+    seeds = sorted({r["seed"] for r in rows})
+
+    def figures(get) -> dict:
+        per_seed = [float(np.mean([get(r) for r in rows if r["seed"] == s])) for s in seeds]
+        values = [get(r) for r in rows]
+        return {"pairs": interval(values), "seeds": interval(per_seed), "per_seed": per_seed,
+                "positive_pairs": sum(v > 0 for v in values)}
+
+    def all_figures(get) -> dict:
+        names = [m for m in get(rows[0]) if m.endswith("_points")]
+        return {m: figures(lambda r, m=m: get(r)[m]) for m in names}
+
+    out = {"signature": all_figures(lambda r: r["signature"]), "options": {}}
+    for key in rows[0]["options"]:
+        method, n, top_m = key.split("/")
+        out["options"][key] = {**all_figures(lambda r, k=key: r["options"][k]),
+                               **device_cost(rows, int(n), int(top_m), method)}
+    return out
+
+
+def table(summary: dict) -> str:
+    """Markdown: one line per option, routed − random and regret over the pairs."""
+    def cell(fig: dict | None) -> str:
+        if fig is None:
+            return ""
+        p = fig["pairs"]
+        return f"{p['mean']:+.2f} ± {p['ci95']:.2f}" if p["ci95"] is not None else f"{p['mean']:+.2f}"
+
+    def line(name: str, n: str, top_m: str, o: dict, cost: str) -> str:
+        unified = o.get("minus_unified_points")
+        above = f"{unified['positive_pairs']}" if unified else ""
+        return (f"| {name} | {n} | {top_m} | {o['probe_points']['pairs']['mean']:.1f} | "
+                f"{cell(o['minus_random_points'])} | {o['minus_random_points']['positive_pairs']} | "
+                f"{cell(unified)} | {above} | {o['regret_points']['pairs']['mean']:.2f} | {cost} |")
+
+    lines = ["| score | labels per class | top M | routed | routed − random | pairs above random | "
+             "routed − unified | pairs above unified | regret | bytes, device s |",
+             "|---|---|---|---|---|---|---|---|---|---|",
+             line("signature", "0", "1", summary["signature"], "")]
+    for key, o in summary["options"].items():
+        method, n, top_m = key.split("/")
+        lines.append(line(method, n, top_m, o,
+                          f"{o['bytes'] / 1e6:.1f} MB, {o['device_seconds']:.2f} s"))
+    return "\n".join(lines)
+
+
+def merge(paths: list[Path], out: Path) -> int:
+    """One summary over the rows of several outputs of this script."""
+    rows = []
+    for path in paths:
+        try:
+            rows += json.loads(path.read_text(encoding="utf-8"))["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"{path}: not an output of label_budget.py ({exc})") from exc
+    summary = summarize(rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": " ".join(sys.argv), "merged": [str(p) for p in paths],
+                               "summary": summary, "rows": rows}, indent=1) + "\n")
+    print(table(summary))
+    return 0
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", action="append", type=Path, help="SDRnet run dir")
+    p.add_argument("--merge", nargs="+", type=Path,
+                   help="summarise the rows of earlier outputs (seeds run as parallel processes)")
+    p.add_argument("--seed", action="append", type=int, help="task split seed of each --run")
+    p.add_argument("--unified", action="append", type=Path,
+                   help="the unified run of each --run (same pool and seed), as a baseline")
+    p.add_argument("--limit", type=int, default=0, help="images per task (0: all)")
+    p.add_argument("--budgets", type=int_list, default=[5, 10, 25, 50, 100],
+                   help="labelled images per class (default 5,10,25,50,100)")
+    p.add_argument("--top-m", type=int_list, default=[2, 4, 8, 16], help="candidates downloaded")
+    p.add_argument("--draws", type=int, default=3, help="label draws per budget")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache", type=Path, help="feature cache folder (default: beside --out)")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
+    if not args.run:
+        p.error("give --run (or --merge)")
+    seeds = args.seed or list(range(len(args.run)))
+    if len(seeds) != len(args.run):
+        p.error("give one --seed per --run")
+    unified = args.unified or [None] * len(args.run)
+    if len(unified) != len(args.run):
+        p.error("give one --unified per --run, or none")
+    if args.draws < 1:
+        p.error("--draws must be >= 1")
+    torch.set_num_threads(args.threads)
+    cache = args.cache or args.out.parent / "features"
+    t0 = time.perf_counter()
+    rows = []
+    for run, seed, unified_run in zip(args.run, seeds, unified, strict=True):
+        net, _ = load_sdrnet(run)
+        if net.num_subnets > 64:
+            p.error(f"{run}: {net.num_subnets} sub-nets; every one is probed, so at most 64")
+        for task in domain_tasks(args.limit or None):
+            rows.append(evaluate(run, task, seed, args.budgets, args.top_m, args.draws, cache,
+                                 unified_run))
+            print(task.name, seed, round(rows[-1]["signature"]["minus_random_points"], 2),
+                  {k: round(v["minus_random_points"], 2) for k, v in rows[-1]["options"].items()
+                   if k.endswith(f"/{max(args.top_m)}")}, file=sys.stderr)
+    summary = summarize(rows)
+    result = {"command": " ".join(sys.argv), "seconds": time.perf_counter() - t0,
+              "load_average": os.getloadavg(), "summary": summary, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(summary))
+    print(json.dumps({"seconds": result["seconds"], "load_average": result["load_average"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

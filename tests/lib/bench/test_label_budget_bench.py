@@ -1,0 +1,59 @@
+"""benchmarks/label_budget.py: label picks among the signature's top M, exact controls, cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers_benchmarks import load_benchmark
+from helpers_rundir import shared_tiny_run
+
+from sdr_edge.bench.budgets import TaskSpec
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return shared_tiny_run(tmp_path_factory.getbasetemp(), clustered=True)
+
+
+def test_pick_is_the_best_scored_of_the_top_m_against_the_other_subnets() -> None:
+    bench = load_benchmark("label_budget")
+    acc = np.array([0.5, 0.6, 0.7, 0.8])  # signature order: index 0 is the routed sub-net
+    minus_random, regret, picked = bench.pick_figures(acc, np.array([[0.0, 1.0, 0.0, 0.0]]), 4)
+    assert minus_random == pytest.approx(100 * (0.6 - np.mean([0.5, 0.7, 0.8])))
+    assert regret == pytest.approx(20.0) and picked == pytest.approx(60.0)
+    # the top M bounds the choice; ties keep the better-routed candidate
+    assert bench.pick_figures(acc, np.array([[0.0, 0.0, 0.0, 9.0]]), 2)[1] == pytest.approx(30.0)
+    # two draws: the figures are their mean
+    two = bench.pick_figures(acc, np.array([[0, 0, 0, 1.0], [1.0, 0, 0, 0]]), 4)
+    assert two[1] == pytest.approx((0.0 + 30.0) / 2)
+
+
+def test_label_budget_on_a_tiny_run(tiny_run, tmp_path) -> None:
+    bench = load_benchmark("label_budget")
+    task = TaskSpec("digits", "builtin:digits", 300)
+    # the run's own phase-0 teacher stands in for a unified run: both load teacher.safetensors
+    row = bench.evaluate(tiny_run, task, 0, [3, 5], [1, 2, 4], 2, tmp_path / "cache",
+                         unified=tiny_run)
+    assert row["num_subnets"] == 4 and row["classes"] == 10
+    acc = np.array(list(row["accuracy"].values()))
+    routed = acc[0]  # accuracy is stored in signature order
+    assert row["signature"]["minus_random_points"] == pytest.approx(
+        100 * (routed - np.delete(acc, 0).mean()))
+    assert 0.1 < row["unified_probe"] <= 1.0
+    assert row["signature"]["minus_unified_points"] == pytest.approx(
+        100 * (routed - row["unified_probe"]))
+    for method in ("logme", "knn", "probe"):
+        # a top M of one is the signature route, whatever the labels say
+        assert row["options"][f"{method}/5/1"]["minus_random_points"] == pytest.approx(
+            row["signature"]["minus_random_points"])
+        assert all(row["options"][f"{method}/{n}/4"]["regret_points"] >= 0 for n in (3, 5))
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    again = bench.evaluate(tiny_run, task, 0, [3, 5], [1, 2, 4], 2, tmp_path / "cache",
+                           unified=tiny_run)
+    assert again["accuracy"] == row["accuracy"]  # read back from the cache: same figures
+    assert {k: o["minus_random_points"] for k, o in again["options"].items()} == {
+        k: o["minus_random_points"] for k, o in row["options"].items()}
+    summary = bench.summarize([row, {**row, "seed": 1}])
+    assert summary["options"]["probe/5/4"]["bytes"] == 4 * row["bundle_bytes"]
+    assert summary["options"]["knn/3/2"]["minus_random_points"]["pairs"]["n"] == 2
+    assert "| probe | 5 | 4 |" in bench.table(summary)
