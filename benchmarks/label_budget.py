@@ -21,10 +21,12 @@ the load average and the device cost: bytes downloaded and seconds of extraction
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -42,19 +44,42 @@ from sdr_edge.routing.signature import score_routes
 from sdr_edge.routing.transferability import LABELLED_METHODS, score_features
 
 CACHE_VERSION = 1
+CACHE_FIELDS = ("version", "run_sha256", "routes", "train_features", "train_labels",
+                "test_accuracy", "extract_seconds_per_image", "bundle_bytes", "test_images")
 
 
 def route_key(route) -> str:
     return "-".join(map(str, route))
 
 
-def subnet_features(run: Path, task, seed: int, cache: Path) -> dict:
-    """Signature order, every sub-net's train/test features and test probe accuracy (cached)."""
-    path = cache / f"{run.parent.name}_{run.name}_{task.name}_seed{seed}.npz"
-    if path.is_file():
+def run_sha256(run: Path) -> str:
+    """The run's manifest digest (it lists every file's sha256): a retrained run is a new key."""
+    return hashlib.sha256((run / "manifest.json").read_bytes()).hexdigest()
+
+
+def read_cache(path: Path, run_digest: str) -> dict | None:
+    """A cached entry of this script for this run, or None (missing, stale, or unreadable:
+    then it is recomputed and rewritten, and an unreadable one is reported)."""
+    if not path.is_file():
+        return None
+    try:
         with np.load(path, allow_pickle=False) as z:
-            if int(z["version"]) == CACHE_VERSION:
-                return {k: z[k] for k in z.files}
+            data = {k: z[k] for k in CACHE_FIELDS}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        print(f"{path}: unreadable feature cache, recomputed ({exc})", file=sys.stderr)
+        return None
+    fresh = int(data["version"]) == CACHE_VERSION and str(data["run_sha256"]) == run_digest
+    return data if fresh else None
+
+
+def subnet_features(run: Path, task, seed: int, cache: Path) -> dict:
+    """Signature order, every sub-net's train/test features and test probe accuracy (cached
+    per run, task, image limit and split seed)."""
+    limit = task.limit or "all"
+    path = cache / f"{run.parent.name}_{run.name}_{task.name}_limit{limit}_seed{seed}.npz"
+    digest = run_sha256(run)
+    if (cached := read_cache(path, digest)) is not None:
+        return cached
     net, spec = load_sdrnet(run)
     x_tr, y_tr, x_te, y_te = task_split(task, spec, seed)
     signature = compute_signature(KitRunner(run / KIT_DIR), x_tr)
@@ -69,7 +94,8 @@ def subnet_features(run: Path, task, seed: int, cache: Path) -> dict:
         acc.append(linear_probe_accuracy(f_tr[-1], y_tr, f_te[-1], y_te, seed=seed))
     bundle_bytes = len(save({k: v.contiguous() for k, v in
                              net.extract(order[0]).state_dict().items()}))
-    data = {"version": np.int64(CACHE_VERSION), "routes": np.asarray(order, dtype=np.int64),
+    data = {"version": np.int64(CACHE_VERSION), "run_sha256": np.str_(digest),
+            "routes": np.asarray(order, dtype=np.int64),
             "train_features": np.stack(f_tr), "train_labels": y_tr, "test_accuracy": np.asarray(acc),
             "extract_seconds_per_image": np.float64(extract_s / (len(order) * len(x_tr))),
             "bundle_bytes": np.int64(bundle_bytes), "test_images": np.int64(len(y_te))}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from helpers_benchmarks import load_benchmark
@@ -28,7 +30,7 @@ def test_pick_is_the_best_scored_of_the_top_m_against_the_other_subnets() -> Non
     assert two[1] == pytest.approx((0.0 + 30.0) / 2)
 
 
-def test_label_budget_on_a_tiny_run(tiny_run, tmp_path) -> None:
+def test_label_budget_on_a_tiny_run(tiny_run, tmp_path, capsys) -> None:
     bench = load_benchmark("label_budget")
     task = TaskSpec("digits", "builtin:digits", 300)
     # the run's own phase-0 teacher stands in for a unified run: both load teacher.safetensors
@@ -53,7 +55,27 @@ def test_label_budget_on_a_tiny_run(tiny_run, tmp_path) -> None:
     assert again["accuracy"] == row["accuracy"]  # read back from the cache: same figures
     assert {k: o["minus_random_points"] for k, o in again["options"].items()} == {
         k: o["minus_random_points"] for k, o in row["options"].items()}
+    # a damaged cache entry is reported and recomputed, not trusted and not fatal
+    entry = next((tmp_path / "cache").glob("*.npz"))
+    entry.write_bytes(entry.read_bytes()[:100])
+    capsys.readouterr()
+    third = bench.evaluate(tiny_run, task, 0, [3, 5], [1, 2, 4], 2, tmp_path / "cache")
+    assert "unreadable feature cache, recomputed" in capsys.readouterr().err
+    assert third["accuracy"] == pytest.approx(row["accuracy"])
+    assert bench.read_cache(entry, bench.run_sha256(tiny_run)) is not None  # rewritten whole
+    assert bench.read_cache(entry, "another run") is None  # a retrained run is a new key
     summary = bench.summarize([row, {**row, "seed": 1}])
     assert summary["options"]["probe/5/4"]["bytes"] == 4 * row["bundle_bytes"]
     assert summary["options"]["knn/3/2"]["minus_random_points"]["pairs"]["n"] == 2
     assert "| probe | 5 | 4 |" in bench.table(summary)
+    # seeds run as separate processes, then --merge summarises their rows
+    one = tmp_path / "seed0.json"
+    one.write_text(json.dumps({"rows": [row]}))
+    assert bench.main(["--merge", str(one), str(one), "--out", str(tmp_path / "all.json")]) == 0
+    merged = json.loads((tmp_path / "all.json").read_text())
+    assert len(merged["rows"]) == 2 and merged["summary"]["options"]["probe/5/4"][
+        "minus_random_points"]["pairs"]["n"] == 2
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(SystemExit, match="broken.json: not an output of label_budget.py"):
+        bench.main(["--merge", str(broken), "--out", str(tmp_path / "x.json")])
