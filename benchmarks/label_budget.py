@@ -14,8 +14,9 @@ every (score, n, M) is judged by the same yardstick as the claim table (with `--
 --run, also against the unified model on the same split). Each n is drawn
 `--draws` times (nested: the n = 10 images contain the n = 5 ones); a pair's figure is the mean
 over its draws, and the intervals are over (run, task) pairs. Features of every sub-net are
-cached (`--cache`, npz, our own files) so a rerun only re-scores. Prints one JSON object (with
-the load average and the device cost: bytes downloaded and seconds of extraction + scoring).
+cached (`--cache`, npz, our own files) so a rerun only re-scores. Prints a table and writes one
+JSON object (with the load average and the device cost: bytes downloaded and seconds of
+extraction + scoring) and a plot of routed − random against the label budget beside it (.png).
 """
 
 from __future__ import annotations
@@ -229,6 +230,44 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(summary: dict, path: Path, top_m: int) -> Path:
+    """Routed − random against labels per class, one line per score at one top M, with the
+    95 % interval over pairs, beside the label-free signature route and the +1 target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    all_budgets: set[int] = set()
+    for i, (method, color) in enumerate(zip(LABELLED_METHODS, ("tab:blue", "tab:orange",
+                                                               "tab:green"), strict=True)):
+        keys = [k for k in summary["options"] if k.startswith(f"{method}/")
+                and k.endswith(f"/{top_m}")]
+        budgets = [int(k.split("/")[1]) for k in keys]
+        pairs = [summary["options"][k]["minus_random_points"]["pairs"] for k in keys]
+        all_budgets.update(budgets)
+        shifted = [b * (1 + 0.05 * (i - 1)) for b in budgets]  # side by side, not on top
+        ax.errorbar(shifted, [f["mean"] for f in pairs], yerr=[f["ci95"] or 0 for f in pairs],
+                    marker="o", capsize=3, color=color, label=f"{method}, top {top_m}")
+    sig = summary["signature"]["minus_random_points"]["pairs"]
+    ax.axhspan(sig["lo"] if sig["lo"] is not None else sig["mean"],
+               sig["hi"] if sig["hi"] is not None else sig["mean"], color="tab:red", alpha=0.12)
+    ax.axhline(sig["mean"], color="tab:red", label="signature route (label-free)")
+    ax.axhline(1.0, color="grey", linestyle="--", label="target +1")
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(all_budgets), [str(b) for b in sorted(all_budgets)])
+    ax.minorticks_off()
+    ax.set_xlabel("labelled images per class on the device")
+    ax.set_ylabel("routed − random (points, 95 % interval)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def merge(paths: list[Path], out: Path) -> int:
     """One summary over the rows of several outputs of this script."""
     rows = []
@@ -242,7 +281,14 @@ def merge(paths: list[Path], out: Path) -> int:
     out.write_text(json.dumps({"command": " ".join(sys.argv), "merged": [str(p) for p in paths],
                                "summary": summary, "rows": rows}, indent=1) + "\n")
     print(table(summary))
+    plot(summary, out.with_suffix(".png"), plot_top_m(summary))
     return 0
+
+
+def plot_top_m(summary: dict) -> int:
+    """The client's default of 8 candidates when measured, else the largest M measured."""
+    measured = {int(k.split("/")[2]) for k in summary["options"]}
+    return 8 if 8 in measured else max(measured)
 
 
 def int_list(text: str) -> list[int]:
@@ -304,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(summary))
+    plot(summary, args.out.with_suffix(".png"), plot_top_m(summary))
     print(json.dumps({"seconds": result["seconds"], "load_average": result["load_average"]}))
     return 0
 

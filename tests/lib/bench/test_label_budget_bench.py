@@ -73,6 +73,7 @@ def test_label_budget_on_a_tiny_run(tiny_run, tmp_path, capsys) -> None:
     one.write_text(json.dumps({"rows": [row]}))
     assert bench.main(["--merge", str(one), str(one), "--out", str(tmp_path / "all.json")]) == 0
     merged = json.loads((tmp_path / "all.json").read_text())
+    assert (tmp_path / "all.png").stat().st_size > 10_000  # the plot beside the JSON
     assert len(merged["rows"]) == 2 and merged["summary"]["options"]["probe/5/4"][
         "minus_random_points"]["pairs"]["n"] == 2
     broken = tmp_path / "broken.json"
