@@ -408,10 +408,11 @@ class Agent:
             self.state.step("signature").get("signature_sha256")
 
     def _subnet_fp(self) -> str:
-        rerank = [self.cfg.rerank, self.cfg.top_m, _data_fingerprint(self.cfg.data)] \
-            if self.cfg.rerank else None  # a re-ranked pick depends on the images and labels
-        return _fingerprint(self.cfg.registry_url, self.state.step("signature").get(
-            "signature_sha256"), _file_digest(self.cfg.pubkey), rerank)
+        parts = [self.cfg.registry_url, self.state.step("signature").get("signature_sha256"),
+                 _file_digest(self.cfg.pubkey)]
+        if self.cfg.rerank:  # a re-ranked pick depends on the images and labels too
+            parts.append([self.cfg.rerank, self.cfg.top_m, _data_fingerprint(self.cfg.data)])
+        return _fingerprint(*parts)  # without rerank: the same fingerprint as before it existed
 
     def _fetch_subnet(self) -> dict:
         from sdr_edge.registry_client import fetch_bundle
