@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save
 from tqdm import tqdm
 
 from sdr_edge.artifacts.run_dir import KIT_DIR, load_sdrnet
@@ -40,17 +39,14 @@ from sdr_edge.bench.domains import domain_tasks
 from sdr_edge.bench.paper_claim import interval, task_split, unified_probe
 from sdr_edge.routing.kit_runtime import KitRunner, compute_signature
 from sdr_edge.routing.probe import extract_features, linear_probe_accuracy
-from sdr_edge.routing.rerank_eval import few_labels
+from sdr_edge.routing.rerank_eval import few_labels, weights_nbytes
+from sdr_edge.routing.route_ids import format_route_id
 from sdr_edge.routing.signature import score_routes
 from sdr_edge.routing.transferability import LABELLED_METHODS, score_features
 
 CACHE_VERSION = 1
 CACHE_FIELDS = ("version", "run_sha256", "routes", "train_features", "train_labels",
                 "test_accuracy", "extract_seconds_per_image", "bundle_bytes", "test_images")
-
-
-def route_key(route) -> str:
-    return "-".join(map(str, route))
 
 
 def run_sha256(run: Path) -> str:
@@ -85,16 +81,15 @@ def subnet_features(run: Path, task, seed: int, cache: Path) -> dict:
     x_tr, y_tr, x_te, y_te = task_split(task, spec, seed)
     signature = compute_signature(KitRunner(run / KIT_DIR), x_tr)
     order = [route for route, _ in score_routes(signature)]
-    f_tr, f_te, acc, extract_s = [], [], [], 0.0
+    f_tr, acc, extract_s = [], [], 0.0
     for route in tqdm(order, desc=f"{task.name} sub-nets", leave=False):
         backbone = net.extract(route).eval()
         t0 = time.perf_counter()
         f_tr.append(extract_features(backbone, x_tr, spec))
         extract_s += time.perf_counter() - t0
-        f_te.append(extract_features(backbone, x_te, spec))
-        acc.append(linear_probe_accuracy(f_tr[-1], y_tr, f_te[-1], y_te, seed=seed))
-    bundle_bytes = len(save({k: v.contiguous() for k, v in
-                             net.extract(order[0]).state_dict().items()}))
+        acc.append(linear_probe_accuracy(f_tr[-1], y_tr, extract_features(backbone, x_te, spec),
+                                         y_te, seed=seed))
+    bundle_bytes = weights_nbytes(net.extract(order[0]))
     data = {"version": np.int64(CACHE_VERSION), "run_sha256": np.str_(digest),
             "routes": np.asarray(order, dtype=np.int64),
             "train_features": np.stack(f_tr), "train_labels": y_tr, "test_accuracy": np.asarray(acc),
@@ -158,7 +153,8 @@ def evaluate(run: Path, task, seed: int, budgets: list[int], top_ms: list[int], 
            "extract_seconds_per_image": float(data["extract_seconds_per_image"]),
            "unified_probe": unified_acc,
            "signature": figures_row(acc, np.zeros(k), 1, unified_acc),
-           "accuracy": {route_key(r): float(a) for r, a in zip(data["routes"], acc, strict=True)},
+           "accuracy": {format_route_id(r): float(a)
+                        for r, a in zip(data["routes"], acc, strict=True)},
            "options": {}}
     for m in LABELLED_METHODS:
         for n in budgets:

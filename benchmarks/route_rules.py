@@ -36,6 +36,7 @@ from sdr_edge.routing.evaluate import random_control_routes, split_task
 from sdr_edge.routing.joint import RULES, ranked_routes
 from sdr_edge.routing.kit_runtime import KitRunner
 from sdr_edge.routing.probe import extract_features, linear_probe_accuracy
+from sdr_edge.routing.route_ids import format_route_id
 from sdr_edge.routing.signature import all_routes
 
 
@@ -72,7 +73,7 @@ def evaluate(run: Path, task, seed: int, all_up_to: int, random_routes: int) -> 
     row = {"run": str(run), "task": task.name, "seed": seed, "num_subnets": net.num_subnets,
            "exhaustive": exhaustive, "probed": len(probe_set),
            "label_pick_probe": acc[picked], "best_probe": max(acc.values()),
-           "accuracy": {"-".join(map(str, r)): a for r, a in acc.items()}, "rules": {}}
+           "accuracy": {format_route_id(r): a for r, a in acc.items()}, "rules": {}}
     for rule in RULES:
         random_mean = float(np.mean([acc[r] for r in controls if r != routed[rule]]))
         scores = dict(ranked[rule])

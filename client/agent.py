@@ -435,26 +435,26 @@ class Agent:
         from sdr_edge.registry_client import fetch_candidates
 
         try:
-            from sdr_edge.routing.device_rerank import rerank_bundles
+            from sdr_edge.routing.device_rerank import (
+                candidates_input_shape,
+                needs_labels,
+                pick_candidate,
+            )
         except ImportError as exc:
             raise AgentError(f"subnet: registry.rerank: {exc}") from exc
         check_replaceable_dir(resolve_out(self.cfg.subnet_dir))  # before any download
         candidates = fetch_candidates(self.cfg.registry_url, self.cfg.registry_token(), sig,
                                       self.cfg.pubkey, self.cfg.top_m, cacert=self.cfg.cacert)
-        spec = json.loads(candidates[0][1]["manifest.json"])["input_spec"]
         try:
-            source = load_partition(self._node_data_config(), int(spec["image_size"]),
-                                    int(spec["channels"]))
+            source = load_partition(self._node_data_config(), *candidates_input_shape(candidates))
         except NodeDataError as exc:
             raise AgentError(f"subnet: {exc}") from exc
-        labels = None if self.cfg.rerank == "rankme" else source.labels
-        if self.cfg.rerank != "rankme" and (labels is None or len(set(labels.tolist())) < 2):
+        labels = source.labels
+        if needs_labels(self.cfg.rerank) and (labels is None or len(set(labels.tolist())) < 2):
             raise AgentError(f"subnet: registry.rerank = {self.cfg.rerank!r} needs labels: "
                              f"agent.data {self.cfg.data!r} must hold one sub-folder per class")
-        choice = rerank_bundles([files for _, files in candidates],
-                                load_public_key(self.cfg.pubkey), source.images,
-                                self.cfg.rerank, labels)
-        route, files = candidates[choice.index]
+        route, files, choice = pick_candidate(candidates, load_public_key(self.cfg.pubkey),
+                                              source.images, self.cfg.rerank, labels)
         path = write_files_atomically(files, self.cfg.subnet_dir)
         return {"path": str(path), "route": list(route), "rerank": self.cfg.rerank,
                 "signature_rank": choice.index + 1, "candidates": len(candidates),

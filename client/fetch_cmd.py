@@ -124,7 +124,11 @@ def _run_rerank(args: argparse.Namespace, token: str, pubkey) -> int:
     if not 1 <= args.top_m <= 64:
         raise CommandError(f"--top-m must be between 1 and 64, got {args.top_m}")
     try:
-        from sdr_edge.routing.device_rerank import rerank_bundles
+        from sdr_edge.routing.device_rerank import (
+            candidates_input_shape,
+            needs_labels,
+            pick_candidate,
+        )
     except ImportError as exc:  # a torch-free device install
         raise CommandError(f"{exc} (or fetch the signature route without --rerank)") from exc
     signature = _load_signature(args.signature)
@@ -133,12 +137,10 @@ def _run_rerank(args: argparse.Namespace, token: str, pubkey) -> int:
                                       cacert=args.cacert)
     except (RegistryError, TransferError) as exc:
         raise CommandError(str(exc)) from exc
-    spec = json.loads(candidates[0][1]["manifest.json"])["input_spec"]
-    source = _local_images(args.images, int(spec["image_size"]), int(spec["channels"]),
-                           args.rerank != "rankme")
-    choice = rerank_bundles([files for _, files in candidates], pubkey, source.images,
-                            args.rerank, None if args.rerank == "rankme" else source.labels)
-    route, files = candidates[choice.index]
+    source = _local_images(args.images, *candidates_input_shape(candidates),
+                           needs_labels(args.rerank))
+    route, files, choice = pick_candidate(candidates, pubkey, source.images, args.rerank,
+                                          source.labels)
     try:
         out = write_files_atomically(files, args.out)
     except OutputError as exc:

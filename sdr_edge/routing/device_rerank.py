@@ -12,6 +12,7 @@ ImportError that names the extra to install (`RERANK_EXTRA`), before anything is
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sdr_edge.errors import SdrEdgeError
-from sdr_edge.routing.transferability import RERANK_METHODS, score_features
+from sdr_edge.routing.transferability import LABELLED_METHODS, RERANK_METHODS, score_features
 
 RERANK_EXTRA = "sdr-edge[rerank]"
 # What running and scoring a candidate imports beyond a device install (bundle loading,
@@ -81,3 +82,26 @@ def rerank_bundles(bundles: Sequence[dict[str, bytes]], pubkey, images: np.ndarr
         scores.append(score_features(method, feats, labels))
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))
     return RerankChoice(best, tuple(scores), time.perf_counter() - t0)
+
+
+def needs_labels(method: str) -> bool:
+    """Whether `method` scores candidates against labels (all but RankMe)."""
+    return method in LABELLED_METHODS
+
+
+def candidates_input_shape(candidates: Sequence[tuple[tuple[int, ...], dict[str, bytes]]]
+                           ) -> tuple[int, int]:
+    """(image size, channels) the downloaded candidates take, from the first one's manifest
+    (`registry_client.fetch_candidates` verified every one; they come from one SDRnet)."""
+    spec = json.loads(candidates[0][1]["manifest.json"])["input_spec"]
+    return int(spec["image_size"]), int(spec["channels"])
+
+
+def pick_candidate(candidates: Sequence[tuple[tuple[int, ...], dict[str, bytes]]], pubkey,
+                   images: np.ndarray, method: str, labels: np.ndarray | None = None
+                   ) -> tuple[tuple[int, ...], dict[str, bytes], RerankChoice]:
+    """The best-scored of `fetch_candidates`' (route, files): its route, its files, the scores."""
+    choice = rerank_bundles([files for _, files in candidates], pubkey, images, method,
+                            labels if needs_labels(method) else None)
+    route, files = candidates[choice.index]
+    return route, files, choice

@@ -39,14 +39,20 @@ def extract_features(model: nn.Module, images_uint8: np.ndarray, spec: InputSpec
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
+def linear_probe(c: float = 1.0, max_iter: int = 2000, seed: int = 0):
+    """The probe every sub-net is judged by: multinomial logistic regression on standardised
+    features (an unfitted scikit-learn pipeline)."""
+    return make_pipeline(StandardScaler(),
+                         LogisticRegression(C=c, max_iter=max_iter, random_state=seed))
+
+
 def linear_probe_accuracy(train_f: np.ndarray, train_y: np.ndarray, test_f: np.ndarray,
                           test_y: np.ndarray, *, c: float = 1.0, max_iter: int = 2000,
                           seed: int = 0) -> float:
-    """Multinomial logistic regression on standardised features; test accuracy in [0, 1]."""
+    """`linear_probe` fitted on the train features; test accuracy in [0, 1]."""
     if len(np.unique(train_y)) < 2:
         raise ProbeError("a linear probe needs at least two classes in the training split")
-    probe = make_pipeline(StandardScaler(),
-                          LogisticRegression(C=c, max_iter=max_iter, random_state=seed))
+    probe = linear_probe(c, max_iter, seed)
     # A probe this size is BLAS-bound on tiny matrices: one thread is ~50x faster than two
     # spin-waiting OpenBLAS threads on a busy 2-core machine (measured 0.03 s vs 1.5 s).
     with threadpool_limits(limits=1):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.torch import save
+from torch import nn
 
 from sdr_edge.artifacts.run_dir import KIT_DIR, load_sdrnet
 from sdr_edge.data.sources import load_source
@@ -27,6 +28,11 @@ from sdr_edge.routing.signature import Route, score_routes
 from sdr_edge.routing.transferability import score_features
 
 OPTIONS = ("signature", "rankme", "logme", "knn", "probe")
+
+
+def weights_nbytes(backbone: nn.Module) -> int:
+    """Bytes of a sub-net's weights as a bundle carries them (safetensors)."""
+    return len(save({k: v.contiguous() for k, v in backbone.state_dict().items()}))
 
 
 def few_labels(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -71,8 +77,7 @@ def evaluate_rerank(run_dir: str | Path, task_source: str, *, top_m: int = 8,
                                              seed=seed)
         if route not in candidates:
             continue
-        bundle_bytes.append(len(save({k: v.contiguous() for k, v in
-                                      backbone.state_dict().items()})))
+        bundle_bytes.append(weights_nbytes(backbone))
         for method in option_scores:
             t0 = time.perf_counter()
             labels = None if method == "rankme" else y_tr[labelled]

@@ -109,13 +109,12 @@ def knn_loo_accuracy(features: np.ndarray, labels: np.ndarray, k: int = 5) -> fl
 
 def probe_cv_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 5,
                       seed: int = 0) -> float:
-    """Mean stratified k-fold accuracy of the linear probe (`routing.probe`'s model) on the
-    labelled images; k drops to the smallest class's count when a class has fewer images."""
-    from sklearn.linear_model import LogisticRegression
+    """Mean stratified k-fold accuracy of `routing.probe.linear_probe` on the labelled images;
+    k drops to the smallest class's count when a class has fewer images."""
     from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
+
+    from sdr_edge.routing.probe import linear_probe
 
     f = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels)
@@ -126,10 +125,9 @@ def probe_cv_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 5,
     if len(classes) < 2 or k < 2:
         raise TransferabilityError("probe re-ranking needs two classes with at least two "
                                    f"labelled images each, got counts {counts.tolist()}")
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
     splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     with threadpool_limits(limits=1):  # tiny BLAS problems: one thread (see routing.probe)
-        return float(cross_val_score(probe, f, y, cv=splits).mean())
+        return float(cross_val_score(linear_probe(seed=seed), f, y, cv=splits).mean())
 
 
 RERANK_METHODS = ("rankme", "logme", "knn", "probe")
