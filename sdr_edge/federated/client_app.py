@@ -13,12 +13,14 @@ from collections.abc import Callable
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from sdr_edge.federated.fleet_rerank import RERANK_ACTION
 from sdr_edge.federated.node_data import NodeDataError, with_simulation_defaults
 from sdr_edge.federated.task import (
     BUNDLE_ACTION,
     evaluate_task,
     query_task,
     receive_bundle_task,
+    rerank_task,
     train_task,
 )
 
@@ -56,6 +58,12 @@ def query(msg: Message, context: Context) -> Message:
 def bundle(msg: Message, context: Context) -> Message:
     """Keep the signed fine-tuned bundle the server sends at the end (if bundle-dir is set)."""
     return _reply(receive_bundle_task, msg, context)
+
+
+@app.query(RERANK_ACTION)
+def rerank(msg: Message, context: Context) -> Message:
+    """Score the server's top-M candidate sub-nets on this node's data (one number each)."""
+    return _reply(rerank_task, msg, context)
 
 
 @app.train()

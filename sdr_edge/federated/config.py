@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from sdr_edge.errors import SdrEdgeError
+from sdr_edge.routing.transferability import RERANK_METHODS
 from sdr_edge.training.finetune import ROUND_LR, FineTuneConfig
 
 _RECIPE = FineTuneConfig()  # the nodes' recipe defaults, written once in finetune
@@ -82,6 +83,9 @@ class FederationConfig(BaseModel):
     round_timeout: float = _field(300.0, "round-timeout", gt=0)
     node_wait_timeout: float = _field(300.0, "node-wait-timeout", gt=0)
     route: str = _field("", "route")
+    # Re-rank the signature's top M on the nodes' labelled data (fleet_rerank); "": signature route
+    rerank: str = _field("", "rerank")
+    rerank_top_m: int = _field(8, "rerank-top-m", ge=2, le=64)
     seed: int = _field(0, "seed")
     evaluate_start: bool = _field(True, "evaluate-start")
     # Budget: prune the routed sub-net to this share of its MACs before FedAvg (1.0: keep it)
@@ -101,7 +105,7 @@ class FederationConfig(BaseModel):
         except ValidationError as exc:
             raise FederationConfigError("; ".join(_describe(e) for e in exc.errors())) from None
 
-    @field_validator("strategy", mode="before")
+    @field_validator("strategy", "rerank", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
@@ -116,6 +120,12 @@ class FederationConfig(BaseModel):
         if self.strategy == "bulyan" and self.min_round_nodes < 4 * self.malicious_nodes + 3:
             problems.append(f"strategy 'bulyan' with malicious-nodes {self.malicious_nodes} needs "
                             f"min-round-nodes >= {4 * self.malicious_nodes + 3} (4f + 3)")
+        if self.rerank and self.rerank not in RERANK_METHODS:
+            problems.append(f"rerank must be one of {RERANK_METHODS} or empty (the signature "
+                            f"route), got {self.rerank!r}")
+        if self.rerank and self.route.strip():
+            problems.append("rerank picks among the signature's top routes, but route fixes the "
+                            "sub-net: set one of the two")
         if self.head_rounds >= self.num_rounds and self.fine_tune == "full":
             problems.append("head-rounds must be < num-server-rounds (the rest fine-tune fully)")
         if bool(self.run_dir) == bool(self.registry_url):

@@ -1,5 +1,8 @@
 """The ServerApp's work: query signatures, route, extract the sub-net, FedAvg it, sign the result.
 
+With `rerank` set, the route is the one of the signature's top M that the nodes' labelled data
+scores best (`sdr_edge.federated.fleet_rerank`), not the signature's first.
+
 `run_federation(grid, cfg)` runs on any Flower `Grid`: the Deployment Engine's (real SuperLink
 and SuperNodes) or `LocalGrid` (the same ClientApp handlers in this process, for the
 benchmark and fast tests).
@@ -23,6 +26,7 @@ from sdr_edge.artifacts.bundle import load_bundle, write_bundle
 from sdr_edge.artifacts.signing import load_private_key, load_public_key
 from sdr_edge.data.preprocess import InputSpec
 from sdr_edge.federated.config import FederationConfig, FederationConfigError
+from sdr_edge.federated.fleet_rerank import Candidate, FleetRerank, rerank_on_fleet
 from sdr_edge.federated.records import (
     arrays_into_model,
     arrays_nbytes,
@@ -45,7 +49,9 @@ from sdr_edge.routing.signature import (
     SignatureValidationError,
     aggregate_signatures,
     check_run_id,
+    route_score,
     route_signature,
+    score_routes,
     served_run_id,
 )
 
@@ -142,29 +148,42 @@ def _float_bytes(module: torch.nn.Module) -> int:
                    if v.is_floating_point()))
 
 
+def _run_dir_sdrnet(cfg: FederationConfig, signature: Signature):
+    """The SDRnet of cfg.run_dir, checked against the nodes' signatures (branching, run id)."""
+    from sdr_edge.artifacts.run_dir import load_sdrnet
+
+    net, spec = load_sdrnet(cfg.run_dir)
+    if tuple(signature.branching) != tuple(net.branching):
+        raise FederationError(f"the nodes' signatures have branching "
+                              f"{list(signature.branching)} but the SDRnet in {cfg.run_dir} "
+                              f"routes over {list(net.branching)}: is the nodes' kit from "
+                              "this run?")
+    try:  # a route from another run's kit would pick the wrong experts
+        if cfg.fixed_route() is None:
+            check_run_id(signature, *served_run_id(cfg.run_dir))
+    except SignatureValidationError as exc:
+        raise FederationError(f"the nodes' signatures do not fit {cfg.run_dir}: "
+                              f"{exc}") from exc
+    return net, spec
+
+
+def _run_dir_source(cfg: FederationConfig) -> dict:
+    return {"kind": "run-dir", "run_dir": str(Path(cfg.run_dir).resolve())}
+
+
+def _registry_source(cfg: FederationConfig, bundle) -> dict:
+    return {"kind": "registry", "registry_url": cfg.registry_url,
+            "bundle_sha256": bundle.manifest["files"].get("weights.safetensors")}
+
+
 def load_start_model(cfg: FederationConfig, route: tuple[int, ...] | None,
                      signature: Signature) -> StartModel:
     """The routed sub-net from the run directory, or verified from the registry."""
     if cfg.run_dir:
-        from sdr_edge.artifacts.run_dir import load_sdrnet
-
-        net, spec = load_sdrnet(cfg.run_dir)
-        if tuple(signature.branching) != tuple(net.branching):
-            raise FederationError(f"the nodes' signatures have branching "
-                                  f"{list(signature.branching)} but the SDRnet in {cfg.run_dir} "
-                                  f"routes over {list(net.branching)}: is the nodes' kit from "
-                                  "this run?")
-        try:  # a route from another run's kit would pick the wrong experts
-            if cfg.fixed_route() is None:
-                check_run_id(signature, *served_run_id(cfg.run_dir))
-        except SignatureValidationError as exc:
-            raise FederationError(f"the nodes' signatures do not fit {cfg.run_dir}: "
-                                  f"{exc}") from exc
+        net, spec = _run_dir_sdrnet(cfg, signature)
         assert route is not None
         backbone = net.extract(route).eval()
-        return StartModel(backbone, spec, tuple(route),
-                          {"kind": "run-dir", "run_dir": str(Path(cfg.run_dir).resolve())},
-                          _float_bytes(net))
+        return StartModel(backbone, spec, tuple(route), _run_dir_source(cfg), _float_bytes(net))
     from sdr_edge.registry_client import fetch_bundle
 
     with tempfile.TemporaryDirectory(prefix="sdr-subnet-") as tmp:
@@ -173,8 +192,40 @@ def load_start_model(cfg: FederationConfig, route: tuple[int, ...] | None,
                               Path(tmp) / "subnet", cacert=cfg.registry_cacert or None)
         bundle = load_bundle(folder, load_public_key(cfg.registry_pubkey))
     return StartModel(bundle.model.backbone.eval(), bundle.input_spec, bundle.route,
-                      {"kind": "registry", "registry_url": cfg.registry_url,
-                       "bundle_sha256": bundle.manifest["files"].get("weights.safetensors")})
+                      _registry_source(cfg, bundle))
+
+
+def load_candidates(cfg: FederationConfig, signature: Signature) -> list[StartModel]:
+    """The signature's top `rerank-top-m` sub-nets, best routing score first: extracted from
+    the run directory, or downloaded from the registry and each verified in memory."""
+    if cfg.run_dir:
+        net, spec = _run_dir_sdrnet(cfg, signature)
+        return [StartModel(net.extract(r).eval(), spec, tuple(r), _run_dir_source(cfg),
+                           _float_bytes(net))
+                for r, _ in score_routes(signature)[:cfg.rerank_top_m]]
+    from sdr_edge.artifacts.bundle import bundle_from_files
+    from sdr_edge.registry_client import fetch_candidates
+
+    key = load_public_key(cfg.registry_pubkey)
+    out = []
+    for _, files in fetch_candidates(cfg.registry_url, cfg.registry_token(), signature, key,
+                                     cfg.rerank_top_m, cacert=cfg.registry_cacert or None):
+        bundle = bundle_from_files(files, key)
+        out.append(StartModel(bundle.model.backbone.eval(), bundle.input_spec, bundle.route,
+                              _registry_source(cfg, bundle)))
+    return out
+
+
+def rerank_start_model(grid: Grid, cfg: FederationConfig, signature: Signature,
+                       num_classes: int) -> tuple[StartModel, FleetRerank]:
+    """The top-M candidate the nodes' labelled data scores best (`fleet_rerank`)."""
+    loaded = load_candidates(cfg, signature)
+    if not loaded:
+        raise FederationError("re-rank: the signature gave no candidate sub-net")
+    candidates = [Candidate(m.route, route_score(signature, m.route), m.backbone) for m in loaded]
+    result = rerank_on_fleet(grid, candidates, loaded[0].spec, num_classes, cfg.rerank,
+                             cfg.round_timeout)
+    return loaded[result.index], result
 
 
 def _classes(outcome: QueryOutcome) -> tuple[int, tuple[str, ...]]:
@@ -252,8 +303,12 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict:
 
     outcome = query_signatures(grid, cfg.min_nodes, cfg.node_wait_timeout, cfg.round_timeout)
     route, signature = choose_route(cfg, outcome)
-    start = load_start_model(cfg, route, signature)
     num_classes, names = _classes(outcome)
+    reranked = None
+    if cfg.rerank:
+        start, reranked = rerank_start_model(grid, cfg, signature, num_classes)
+    else:
+        start = load_start_model(cfg, route, signature)
     torch.manual_seed(cfg.seed)
     model = SubnetModel(start.backbone, num_classes).eval()
     spec = dataclasses.replace(start.spec, label_names=names)
@@ -281,6 +336,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict:
     last = max((r for r in rows if "eval-accuracy" in r), key=lambda r: r["round"], default={})
     summary = {
         "route": list(start.route),
+        "rerank": reranked.to_dict() if reranked is not None else None,
         "strategy": cfg.strategy,
         "proximal_mu": cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
         "fedbn": cfg.fedbn,

@@ -90,6 +90,53 @@ def query_task(content: RecordDict, node_config: Mapping[str, object],
     })
 
 
+def rerank_task(content: RecordDict, node_config: Mapping[str, object],
+                state: RecordDict | None = None) -> RecordDict:
+    """Score each candidate sub-net the server sent by its features on this node's data.
+
+    Labelled methods (LogME, kNN, the CV probe) score on the training split, the images the
+    node fine-tunes on, and need two classes; RankMe scores every local image. Only the scores
+    and the image count go back (`sdr_edge.federated.fleet_rerank`).
+    """
+    from sdr_edge.federated.fleet_rerank import candidate_key, score_key
+    from sdr_edge.routing.probe import extract_features
+    from sdr_edge.routing.transferability import (
+        LABELLED_METHODS,
+        RERANK_METHODS,
+        TransferabilityError,
+        score_features,
+    )
+
+    config = _config(content)
+    method = str(config.get("method", ""))
+    if method not in RERANK_METHODS:
+        raise ValueError(f"unknown re-rank method {method!r} ({', '.join(RERANK_METHODS)})")
+    count = int(config.get("candidates", 0))  # type: ignore[arg-type]
+    labelled = method in LABELLED_METHODS
+    scores: dict[str, float] = {}
+    n = 0
+    for i in range(count):
+        key = candidate_key(i)
+        if key not in content.config_records or f"{key}-arrays" not in content.array_records:
+            raise ValueError(f"re-rank message lacks candidate {i} of {count}")
+        model, spec = model_from_message(content.config_records[key],
+                                         content.array_records[f"{key}-arrays"])
+        data = node_data(node_config, spec.image_size, spec.channels, need_labels=labelled)
+        if labelled and len(np.unique(data.train.labels)) < 2:
+            raise NodeDataError(f"re-rank by {method} needs two classes in the training split, "
+                                f"this node has {len(np.unique(data.train.labels))}")
+        images = data.train.images if labelled else data.all_images()
+        feats = extract_features(model.backbone, images, spec)
+        try:
+            scores[score_key(i)] = score_features(method, feats,
+                                                  data.train.labels if labelled else None)
+        except TransferabilityError as exc:
+            raise NodeDataError(f"re-rank by {method}: {exc}") from exc
+        n = len(images)
+    log.info("scored %d candidate(s) by %s on %d local image(s)", count, method, n)
+    return RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: n, **scores})})
+
+
 def _flag(value: object) -> bool:
     return str(value).lower() in ("true", "1", "yes")
 
