@@ -1,0 +1,262 @@
+"""Does the fleet's re-rank pick as well as one device holding all the labels? Non-IID splits.
+
+    python benchmarks/fleet_rerank.py --run runs/claim_r8/runs/seed0/sdr16 --seed 0 \
+        [--unified runs/claim_r8/runs/seed0/unified] [--limit 0] [--nodes 4,10] \
+        [--alphas iid,1,0.3,0.1] [--partitions 3] [--top-m 8] [--methods logme,knn] \
+        [--cache runs/label_budget/features] --out runs/fleet_rerank/seed0.json
+    python benchmarks/fleet_rerank.py --merge runs/fleet_rerank/seed*.json --out runs/fleet_rerank/all.json
+
+A federation with `rerank` set (`sdr_edge.federated.fleet_rerank`) sends the aggregated
+signature's top M to every node; each node scores them on its own labelled training split and
+the server keeps the best image-weighted mean. This script replays that decision on the task
+splits of `label_budget.py` (same feature cache, same yardstick: every sub-net's linear probe on
+the task's test split, so routed − random is exact): the task's training split is partitioned
+over N nodes, IID or by Dirichlet(alpha) over labels (`sdr_edge.federated.partition`, the
+Simulation Engine's rule), `--partitions` times; a node with fewer than two classes cannot
+score and is left out, as in the federation (where no node can, the federation stops; here the
+draw counts as the signature route, and `no_node_scored` says how often). Beside each fleet pick it reports the pick of one
+device holding the whole training split (pooled) and how often the two agree. The signature
+route (label-free) is the baseline. Prints a table and writes one JSON object (with the load
+average); the fleet's cost is M sub-nets per node, once, before round 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import label_budget  # noqa: E402  (the feature cache and the figures of the label-budget bench)
+
+from sdr_edge.artifacts.run_dir import load_sdrnet  # noqa: E402
+from sdr_edge.bench.domains import domain_tasks  # noqa: E402
+from sdr_edge.bench.paper_claim import interval, unified_probe  # noqa: E402
+from sdr_edge.federated.fleet_rerank import weighted_choice  # noqa: E402
+from sdr_edge.federated.partition import dirichlet_partition, iid_partition  # noqa: E402
+from sdr_edge.routing.transferability import (  # noqa: E402
+    LABELLED_METHODS,
+    TransferabilityError,
+    score_features,
+)
+
+
+def node_shares(labels: np.ndarray, nodes: int, alpha: float | None, seed: int
+                ) -> list[np.ndarray]:
+    """Index sets of the training split, one per node (alpha None: IID)."""
+    if alpha is None:
+        return iid_partition(len(labels), nodes, seed)
+    return dirichlet_partition(labels, nodes, alpha, seed)
+
+
+def fleet_scores(feats: np.ndarray, labels: np.ndarray, shares: list[np.ndarray], method: str
+                 ) -> tuple[dict[int, tuple[int, list[float]]], int]:
+    """Each scoring node's (images, scores of every candidate) and how many nodes could not."""
+    scored, skipped = {}, 0
+    for node, idx in enumerate(shares):
+        if len(np.unique(labels[idx])) < 2:  # the node's rerank_task refuses it
+            skipped += 1
+            continue
+        try:
+            scored[node] = (len(idx), [score_features(method, f[idx], labels[idx]) for f in feats])
+        except TransferabilityError:
+            skipped += 1
+    return scored, skipped
+
+
+def pick_row(acc: np.ndarray, pick: int) -> dict:
+    others = np.delete(acc, pick)
+    return {"minus_random_points": 100.0 * (acc[pick] - others.mean()),
+            "regret_points": 100.0 * (acc.max() - acc[pick]), "probe_points": 100.0 * acc[pick]}
+
+
+def evaluate(run: Path, task, seed: int, nodes: list[int], alphas: list[float | None],
+             partitions: int, top_m: int, methods: list[str], cache: Path,
+             unified: Path | None) -> dict:
+    data = label_budget.subnet_features(run, task, seed, cache)
+    acc, y = data["test_accuracy"], data["train_labels"]
+    feats = data["train_features"][:top_m]
+    unified_acc = None if unified is None else unified_probe(unified, task, seed)
+    row = {"run": str(run), "task": task.name, "seed": seed, "num_subnets": len(acc),
+           "train_images": int(len(y)), "classes": int(len(np.unique(y))),
+           "bundle_bytes": int(data["bundle_bytes"]), "unified_probe": unified_acc,
+           "signature": pick_row(acc, 0), "pooled": {}, "fleet": {}}
+    for method in methods:
+        t0 = time.perf_counter()
+        pooled = int(np.argmax([score_features(method, f, y) for f in feats]))
+        row["pooled"][method] = {**pick_row(acc, pooled), "seconds": time.perf_counter() - t0}
+        for n in nodes:
+            for alpha in alphas:
+                picks, skipped, unscored = [], [], 0
+                for p in range(partitions):
+                    try:
+                        shares = node_shares(y, n, alpha, 1000 * seed + p)
+                    except ValueError as exc:  # too few images for n nodes at this skew
+                        skew = "IID" if alpha is None else f"Dirichlet {alpha:g}"
+                        raise SystemExit(f"{task.name}: {n} nodes, {skew}: {exc}") from exc
+                    scored, skip = fleet_scores(feats, y, shares, method)
+                    skipped.append(skip)
+                    unscored += not scored  # the federation stops; here: the signature route
+                    picks.append(weighted_choice(scored)[1] if scored else 0)
+                figs = [pick_row(acc, k) for k in picks]
+                row["fleet"][f"{method}/{n}/{alpha_name(alpha)}"] = {
+                    **{k: float(np.mean([f[k] for f in figs])) for k in figs[0]},
+                    "agrees_with_pooled": float(np.mean([k == pooled for k in picks])),
+                    "nodes_skipped": float(np.mean(skipped)),
+                    "no_node_scored": unscored / partitions}
+    if unified_acc is not None:
+        for entry in [row["signature"], *row["pooled"].values(), *row["fleet"].values()]:
+            entry["minus_unified_points"] = entry["probe_points"] - 100.0 * unified_acc
+    return row
+
+
+def alpha_name(alpha: float | None) -> str:
+    return "iid" if alpha is None else f"{alpha:g}"
+
+
+def summarize(rows: list[dict]) -> dict:
+    seeds = sorted({r["seed"] for r in rows})
+
+    def figures(entries: list[dict]) -> dict:
+        out = {}
+        for key in entries[0]:
+            values = [float(e[key]) for e in entries]
+            per_seed = [float(np.mean([float(e[key]) for e, r in zip(entries, rows, strict=True)
+                                       if r["seed"] == s])) for s in seeds]
+            out[key] = {"pairs": interval(values), "seeds": interval(per_seed),
+                        "positive_pairs": sum(v > 0 for v in values)}
+        return out
+
+    return {"pairs": len(rows), "signature": figures([r["signature"] for r in rows]),
+            "pooled": {m: figures([r["pooled"][m] for r in rows]) for m in rows[0]["pooled"]},
+            "fleet": {k: figures([r["fleet"][k] for r in rows]) for k in rows[0]["fleet"]}}
+
+
+def table(summary: dict) -> str:
+    def cell(fig: dict) -> str:
+        p = fig["pairs"]
+        return f"{p['mean']:+.2f} ± {p['ci95']:.2f}" if p["ci95"] is not None else f"{p['mean']:+.2f}"
+
+    def mean_of(o: dict, key: str, fmt: str) -> str:
+        return format(o[key]["pairs"]["mean"], fmt) if key in o else ""
+
+    def line(name: str, o: dict) -> str:
+        unified = o.get("minus_unified_points")
+        return (f"| {name} | {cell(o['minus_random_points'])} | "
+                f"{o['minus_random_points']['positive_pairs']} | "
+                f"{cell(unified) if unified else ''} | {o['regret_points']['pairs']['mean']:.2f} | "
+                f"{mean_of(o, 'agrees_with_pooled', '.2f')} | {mean_of(o, 'nodes_skipped', '.1f')} |")
+
+    lines = ["| route choice | routed − random | pairs above random | routed − unified | regret "
+             "| agrees with pooled | nodes that cannot score |", "|---|---|---|---|---|---|---|",
+             line("signature (label-free)", summary["signature"])]
+    lines += [line(f"{m}, one device with the whole split", o)
+              for m, o in summary["pooled"].items()]
+    for key, o in summary["fleet"].items():
+        method, n, alpha = key.split("/")
+        lines.append(line(f"{method}, {n} nodes, {'IID' if alpha == 'iid' else f'Dirichlet {alpha}'}",
+                          o))
+    return "\n".join(lines)
+
+
+def merge(paths: list[Path], out: Path) -> int:
+    rows = []
+    for path in paths:
+        try:
+            rows += json.loads(path.read_text(encoding="utf-8"))["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"{path}: not an output of fleet_rerank.py ({exc})") from exc
+    summary = summarize(rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": " ".join(sys.argv), "merged": [str(p) for p in paths],
+                               "summary": summary, "rows": rows}, indent=1) + "\n")
+    print(table(summary))
+    return 0
+
+
+def alpha_list(text: str) -> list[float | None]:
+    out: list[float | None] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part.lower() == "iid":
+            out.append(None)
+            continue
+        try:
+            value = float(part)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"alphas: 'iid' or numbers > 0, got {part!r}") from exc
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"alphas: Dirichlet alpha must be > 0, got {part!r}")
+        out.append(value)
+    if not out:
+        raise argparse.ArgumentTypeError("alphas: give at least one")
+    return out
+
+
+def method_list(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in methods if m not in LABELLED_METHODS]
+    if not methods or bad:
+        raise argparse.ArgumentTypeError(f"methods: choose from {', '.join(LABELLED_METHODS)}, "
+                                         f"got {text!r}")
+    return methods
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", action="append", type=Path, help="SDRnet run dir (K <= 64)")
+    p.add_argument("--merge", nargs="+", type=Path, help="summarise earlier outputs")
+    p.add_argument("--seed", action="append", type=int, help="task split seed of each --run")
+    p.add_argument("--unified", action="append", type=Path, help="the unified run of each --run")
+    p.add_argument("--limit", type=int, default=0, help="images per task (0: all)")
+    p.add_argument("--nodes", type=label_budget.int_list, default=[4, 10], help="fleet sizes")
+    p.add_argument("--alphas", type=alpha_list, default=alpha_list("iid,1,0.3,0.1"),
+                   help="label skew: iid or Dirichlet alphas (default iid,1,0.3,0.1)")
+    p.add_argument("--partitions", type=int, default=3, help="partition draws per setting")
+    p.add_argument("--top-m", type=int, default=8, help="candidates the nodes score")
+    p.add_argument("--methods", type=method_list, default=["logme", "knn"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache", type=Path, help="feature cache (label_budget's; default beside --out)")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
+    if not args.run:
+        p.error("give --run (or --merge)")
+    seeds = args.seed or list(range(len(args.run)))
+    unified = args.unified or [None] * len(args.run)
+    if len(seeds) != len(args.run) or len(unified) != len(args.run):
+        p.error("give one --seed (and one --unified, or none) per --run")
+    if args.partitions < 1 or args.top_m < 2:
+        p.error("--partitions must be >= 1 and --top-m >= 2")
+    torch.set_num_threads(args.threads)
+    cache = args.cache or args.out.parent / "features"
+    t0 = time.perf_counter()
+    rows = []
+    for run, seed, unified_run in zip(args.run, seeds, unified, strict=True):
+        net, _ = load_sdrnet(run)
+        if net.num_subnets > 64:
+            p.error(f"{run}: {net.num_subnets} sub-nets; every one is probed, so at most 64")
+        for task in domain_tasks(args.limit or None):
+            rows.append(evaluate(run, task, seed, args.nodes, args.alphas, args.partitions,
+                                 min(args.top_m, net.num_subnets), args.methods, cache,
+                                 unified_run))
+            print(task.name, seed, {k: round(v["minus_random_points"], 2)
+                                    for k, v in rows[-1]["fleet"].items()}, file=sys.stderr)
+    summary = summarize(rows)
+    result = {"command": " ".join(sys.argv), "seconds": time.perf_counter() - t0,
+              "load_average": os.getloadavg(), "summary": summary, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(summary))
+    print(json.dumps({"seconds": result["seconds"], "load_average": result["load_average"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
