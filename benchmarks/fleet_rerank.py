@@ -23,20 +23,15 @@ average); the fleet's cost is M sub-nets per node, once, before round 1.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import label_budget  # noqa: E402  (the feature cache and the figures of the label-budget bench)
 
-from sdr_edge.artifacts.run_dir import load_sdrnet  # noqa: E402
-from sdr_edge.bench.domains import domain_tasks  # noqa: E402
 from sdr_edge.bench.paper_claim import interval, unified_probe  # noqa: E402
 from sdr_edge.federated.fleet_rerank import weighted_choice  # noqa: E402
 from sdr_edge.federated.partition import dirichlet_partition, iid_partition  # noqa: E402
@@ -166,16 +161,9 @@ def table(summary: dict) -> str:
 
 
 def merge(paths: list[Path], out: Path) -> int:
-    rows = []
-    for path in paths:
-        try:
-            rows += json.loads(path.read_text(encoding="utf-8"))["rows"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise SystemExit(f"{path}: not an output of fleet_rerank.py ({exc})") from exc
+    rows = label_budget.read_rows(paths, "fleet_rerank.py")
     summary = summarize(rows)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": " ".join(sys.argv), "merged": [str(p) for p in paths],
-                               "summary": summary, "rows": rows}, indent=1) + "\n")
+    label_budget.write_merged(out, paths, summary, rows)
     print(table(summary))
     return 0
 
@@ -228,33 +216,19 @@ def main(argv: list[str] | None = None) -> int:
         return merge(args.merge, args.out)
     if not args.run:
         p.error("give --run (or --merge)")
-    seeds = args.seed or list(range(len(args.run)))
-    unified = args.unified or [None] * len(args.run)
-    if len(seeds) != len(args.run) or len(unified) != len(args.run):
-        p.error("give one --seed (and one --unified, or none) per --run")
     if args.partitions < 1 or args.top_m < 2:
         p.error("--partitions must be >= 1 and --top-m >= 2")
-    torch.set_num_threads(args.threads)
-    cache = args.cache or args.out.parent / "features"
     t0 = time.perf_counter()
     rows = []
-    for run, seed, unified_run in zip(args.run, seeds, unified, strict=True):
-        net, _ = load_sdrnet(run)
-        if net.num_subnets > 64:
-            p.error(f"{run}: {net.num_subnets} sub-nets; every one is probed, so at most 64")
-        for task in domain_tasks(args.limit or None):
-            rows.append(evaluate(run, task, seed, args.nodes, args.alphas, args.partitions,
-                                 min(args.top_m, net.num_subnets), args.methods, cache,
-                                 unified_run))
-            print(task.name, seed, {k: round(v["minus_random_points"], 2)
-                                    for k, v in rows[-1]["fleet"].items()}, file=sys.stderr)
+    for run, seed, unified_run, task, subnets in label_budget.each_pair(p, args):
+        rows.append(evaluate(run, task, seed, args.nodes, args.alphas, args.partitions,
+                             min(args.top_m, subnets), args.methods,
+                             args.cache or args.out.parent / "features", unified_run))
+        print(task.name, seed, {k: round(v["minus_random_points"], 2)
+                                for k, v in rows[-1]["fleet"].items()}, file=sys.stderr)
     summary = summarize(rows)
-    result = {"command": " ".join(sys.argv), "seconds": time.perf_counter() - t0,
-              "load_average": os.getloadavg(), "summary": summary, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    label_budget.write_result(args.out, t0, summary, rows)
     print(table(summary))
-    print(json.dumps({"seconds": result["seconds"], "load_average": result["load_average"]}))
     return 0
 
 

@@ -28,6 +28,7 @@ import os
 import sys
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from sdr_edge.artifacts.run_dir import KIT_DIR, load_sdrnet
+from sdr_edge.bench.budgets import TaskSpec
 from sdr_edge.bench.domains import domain_tasks
 from sdr_edge.bench.paper_claim import interval, task_split, unified_probe
 from sdr_edge.routing.kit_runtime import KitRunner, compute_signature
@@ -264,18 +266,28 @@ def plot(summary: dict, path: Path, top_m: int) -> Path:
     return path
 
 
-def merge(paths: list[Path], out: Path) -> int:
-    """One summary over the rows of several outputs of this script."""
+def read_rows(paths: list[Path], script: str = "label_budget.py") -> list[dict]:
+    """The rows of several outputs of `script`, or one line naming the file that is not one."""
     rows = []
     for path in paths:
         try:
             rows += json.loads(path.read_text(encoding="utf-8"))["rows"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise SystemExit(f"{path}: not an output of label_budget.py ({exc})") from exc
-    summary = summarize(rows)
+            raise SystemExit(f"{path}: not an output of {script} ({exc})") from exc
+    return rows
+
+
+def write_merged(out: Path, paths: list[Path], summary: dict, rows: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(sys.argv), "merged": [str(p) for p in paths],
                                "summary": summary, "rows": rows}, indent=1) + "\n")
+
+
+def merge(paths: list[Path], out: Path) -> int:
+    """One summary over the rows of several outputs of this script."""
+    rows = read_rows(paths)
+    summary = summarize(rows)
+    write_merged(out, paths, summary, rows)
     print(table(summary))
     plot(summary, out.with_suffix(".png"), plot_top_m(summary))
     return 0
@@ -318,37 +330,47 @@ def main(argv: list[str] | None = None) -> int:
         return merge(args.merge, args.out)
     if not args.run:
         p.error("give --run (or --merge)")
-    seeds = args.seed or list(range(len(args.run)))
-    if len(seeds) != len(args.run):
-        p.error("give one --seed per --run")
-    unified = args.unified or [None] * len(args.run)
-    if len(unified) != len(args.run):
-        p.error("give one --unified per --run, or none")
     if args.draws < 1:
         p.error("--draws must be >= 1")
-    torch.set_num_threads(args.threads)
-    cache = args.cache or args.out.parent / "features"
     t0 = time.perf_counter()
     rows = []
+    for run, seed, unified_run, task, _ in each_pair(p, args):
+        rows.append(evaluate(run, task, seed, args.budgets, args.top_m, args.draws,
+                             args.cache or args.out.parent / "features", unified_run))
+        print(task.name, seed, round(rows[-1]["signature"]["minus_random_points"], 2),
+              {k: round(v["minus_random_points"], 2) for k, v in rows[-1]["options"].items()
+               if k.endswith(f"/{max(args.top_m)}")}, file=sys.stderr)
+    summary = summarize(rows)
+    write_result(args.out, t0, summary, rows)
+    print(table(summary))
+    plot(summary, args.out.with_suffix(".png"), plot_top_m(summary))
+    return 0
+
+
+def each_pair(p: argparse.ArgumentParser, args: argparse.Namespace
+              ) -> Iterator[tuple[Path, int, Path | None, TaskSpec, int]]:
+    """(run, seed, unified run, task, sub-nets) for every --run and task, the arguments checked
+    first (one --seed and one --unified, or none, per --run; at most 64 sub-nets)."""
+    seeds = args.seed or list(range(len(args.run)))
+    unified = args.unified or [None] * len(args.run)
+    if len(seeds) != len(args.run) or len(unified) != len(args.run):
+        p.error("give one --seed (and one --unified, or none) per --run")
+    torch.set_num_threads(args.threads)
     for run, seed, unified_run in zip(args.run, seeds, unified, strict=True):
         net, _ = load_sdrnet(run)
         if net.num_subnets > 64:
             p.error(f"{run}: {net.num_subnets} sub-nets; every one is probed, so at most 64")
         for task in domain_tasks(args.limit or None):
-            rows.append(evaluate(run, task, seed, args.budgets, args.top_m, args.draws, cache,
-                                 unified_run))
-            print(task.name, seed, round(rows[-1]["signature"]["minus_random_points"], 2),
-                  {k: round(v["minus_random_points"], 2) for k, v in rows[-1]["options"].items()
-                   if k.endswith(f"/{max(args.top_m)}")}, file=sys.stderr)
-    summary = summarize(rows)
+            yield run, seed, unified_run, task, net.num_subnets
+
+
+def write_result(out: Path, t0: float, summary: dict, rows: list[dict]) -> None:
+    """The JSON output, with the wall time and the load average (benchmarks run alone)."""
     result = {"command": " ".join(sys.argv), "seconds": time.perf_counter() - t0,
               "load_average": os.getloadavg(), "summary": summary, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(table(summary))
-    plot(summary, args.out.with_suffix(".png"), plot_top_m(summary))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({"seconds": result["seconds"], "load_average": result["load_average"]}))
-    return 0
 
 
 if __name__ == "__main__":
