@@ -32,22 +32,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import label_budget  # noqa: E402  (the feature cache and the figures of the label-budget bench)
 
-from sdr_edge.bench.paper_claim import interval, unified_probe  # noqa: E402
+from sdr_edge.bench.paper_claim import unified_probe  # noqa: E402
 from sdr_edge.federated.fleet_rerank import weighted_choice  # noqa: E402
-from sdr_edge.federated.partition import dirichlet_partition, iid_partition  # noqa: E402
+from sdr_edge.federated.partition import partition  # noqa: E402
 from sdr_edge.routing.transferability import (  # noqa: E402
     LABELLED_METHODS,
     TransferabilityError,
     score_features,
 )
-
-
-def node_shares(labels: np.ndarray, nodes: int, alpha: float | None, seed: int
-                ) -> list[np.ndarray]:
-    """Index sets of the training split, one per node (alpha None: IID)."""
-    if alpha is None:
-        return iid_partition(len(labels), nodes, seed)
-    return dirichlet_partition(labels, nodes, alpha, seed)
 
 
 def fleet_scores(feats: np.ndarray, labels: np.ndarray, shares: list[np.ndarray], method: str
@@ -65,12 +57,6 @@ def fleet_scores(feats: np.ndarray, labels: np.ndarray, shares: list[np.ndarray]
     return scored, skipped
 
 
-def pick_row(acc: np.ndarray, pick: int) -> dict:
-    others = np.delete(acc, pick)
-    return {"minus_random_points": 100.0 * (acc[pick] - others.mean()),
-            "regret_points": 100.0 * (acc.max() - acc[pick]), "probe_points": 100.0 * acc[pick]}
-
-
 def evaluate(run: Path, task, seed: int, nodes: list[int], alphas: list[float | None],
              partitions: int, top_m: int, methods: list[str], cache: Path,
              unified: Path | None) -> dict:
@@ -81,27 +67,26 @@ def evaluate(run: Path, task, seed: int, nodes: list[int], alphas: list[float | 
     row = {"run": str(run), "task": task.name, "seed": seed, "num_subnets": len(acc),
            "train_images": int(len(y)), "classes": int(len(np.unique(y))),
            "bundle_bytes": int(data["bundle_bytes"]), "unified_probe": unified_acc,
-           "signature": pick_row(acc, 0), "pooled": {}, "fleet": {}}
+           "signature": label_budget.pick_points(acc, 0), "pooled": {}, "fleet": {}}
     for method in methods:
         t0 = time.perf_counter()
         pooled = int(np.argmax([score_features(method, f, y) for f in feats]))
-        row["pooled"][method] = {**pick_row(acc, pooled), "seconds": time.perf_counter() - t0}
+        row["pooled"][method] = {**label_budget.pick_points(acc, pooled), "seconds": time.perf_counter() - t0}
         for n in nodes:
             for alpha in alphas:
                 picks, skipped, unscored = [], [], 0
                 for p in range(partitions):
-                    try:
-                        shares = node_shares(y, n, alpha, 1000 * seed + p)
+                    try:  # alpha None: IID
+                        shares = partition(y, len(y), n, alpha, 1000 * seed + p)
                     except ValueError as exc:  # too few images for n nodes at this skew
-                        skew = "IID" if alpha is None else f"Dirichlet {alpha:g}"
-                        raise SystemExit(f"{task.name}: {n} nodes, {skew}: {exc}") from exc
+                        raise SystemExit(f"{task.name}: {n} nodes, {skew_label(alpha_name(alpha))}"
+                                         f": {exc}") from exc
                     scored, skip = fleet_scores(feats, y, shares, method)
                     skipped.append(skip)
                     unscored += not scored  # the federation stops; here: the signature route
                     picks.append(weighted_choice(scored)[1] if scored else 0)
-                figs = [pick_row(acc, k) for k in picks]
                 row["fleet"][f"{method}/{n}/{alpha_name(alpha)}"] = {
-                    **{k: float(np.mean([f[k] for f in figs])) for k in figs[0]},
+                    **label_budget.mean_points([label_budget.pick_points(acc, k) for k in picks]),
                     "agrees_with_pooled": float(np.mean([k == pooled for k in picks])),
                     "nodes_skipped": float(np.mean(skipped)),
                     "no_node_scored": unscored / partitions}
@@ -112,25 +97,22 @@ def evaluate(run: Path, task, seed: int, nodes: list[int], alphas: list[float | 
 
 
 def alpha_name(alpha: float | None) -> str:
+    """The setting's name in the row keys: "iid" or the Dirichlet alpha."""
     return "iid" if alpha is None else f"{alpha:g}"
 
 
+def skew_label(name: str) -> str:
+    """How tables and errors write a setting named by alpha_name."""
+    return "IID" if name == "iid" else f"Dirichlet {name}"
+
+
 def summarize(rows: list[dict]) -> dict:
-    seeds = sorted({r["seed"] for r in rows})
+    def figures(get) -> dict:
+        return {k: label_budget.pair_figures(rows, lambda r, k=k: get(r)[k]) for k in get(rows[0])}
 
-    def figures(entries: list[dict]) -> dict:
-        out = {}
-        for key in entries[0]:
-            values = [float(e[key]) for e in entries]
-            per_seed = [float(np.mean([float(e[key]) for e, r in zip(entries, rows, strict=True)
-                                       if r["seed"] == s])) for s in seeds]
-            out[key] = {"pairs": interval(values), "seeds": interval(per_seed),
-                        "positive_pairs": sum(v > 0 for v in values)}
-        return out
-
-    return {"pairs": len(rows), "signature": figures([r["signature"] for r in rows]),
-            "pooled": {m: figures([r["pooled"][m] for r in rows]) for m in rows[0]["pooled"]},
-            "fleet": {k: figures([r["fleet"][k] for r in rows]) for k in rows[0]["fleet"]}}
+    return {"pairs": len(rows), "signature": figures(lambda r: r["signature"]),
+            "pooled": {m: figures(lambda r, m=m: r["pooled"][m]) for m in rows[0]["pooled"]},
+            "fleet": {k: figures(lambda r, k=k: r["fleet"][k]) for k in rows[0]["fleet"]}}
 
 
 def table(summary: dict) -> str:
@@ -155,8 +137,7 @@ def table(summary: dict) -> str:
               for m, o in summary["pooled"].items()]
     for key, o in summary["fleet"].items():
         method, n, alpha = key.split("/")
-        lines.append(line(f"{method}, {n} nodes, {'IID' if alpha == 'iid' else f'Dirichlet {alpha}'}",
-                          o))
+        lines.append(line(f"{method}, {n} nodes, {skew_label(alpha)}", o))
     return "\n".join(lines)
 
 
@@ -196,26 +177,16 @@ def method_list(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", action="append", type=Path, help="SDRnet run dir (K <= 64)")
-    p.add_argument("--merge", nargs="+", type=Path, help="summarise earlier outputs")
-    p.add_argument("--seed", action="append", type=int, help="task split seed of each --run")
-    p.add_argument("--unified", action="append", type=Path, help="the unified run of each --run")
-    p.add_argument("--limit", type=int, default=0, help="images per task (0: all)")
+    p = label_budget.run_parser(__doc__.split("\n")[0])
     p.add_argument("--nodes", type=label_budget.int_list, default=[4, 10], help="fleet sizes")
     p.add_argument("--alphas", type=alpha_list, default=alpha_list("iid,1,0.3,0.1"),
                    help="label skew: iid or Dirichlet alphas (default iid,1,0.3,0.1)")
     p.add_argument("--partitions", type=int, default=3, help="partition draws per setting")
     p.add_argument("--top-m", type=int, default=8, help="candidates the nodes score")
     p.add_argument("--methods", type=method_list, default=["logme", "knn"])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cache", type=Path, help="feature cache (label_budget's; default beside --out)")
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
+    args = label_budget.parse_run_args(p, argv)
     if args.merge:
         return merge(args.merge, args.out)
-    if not args.run:
-        p.error("give --run (or --merge)")
     if args.partitions < 1 or args.top_m < 2:
         p.error("--partitions must be >= 1 and --top-m >= 2")
     t0 = time.perf_counter()

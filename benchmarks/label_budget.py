@@ -28,7 +28,7 @@ import os
 import sys
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -120,17 +120,23 @@ def score_draws(data: dict, budgets: list[int], draws: int, seed: int) -> dict:
     return {"scores": scores, "seconds": seconds}
 
 
+def pick_points(acc: np.ndarray, pick: int) -> dict[str, float]:
+    """Sub-net `pick` against the controls, in points: minus the mean of the other sub-nets
+    (a random route), regret (the best on the test set minus it), and its own probe accuracy."""
+    return {"minus_random_points": 100.0 * (acc[pick] - np.delete(acc, pick).mean()),
+            "regret_points": 100.0 * (acc.max() - acc[pick]), "probe_points": 100.0 * acc[pick]}
+
+
+def mean_points(figures: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([f[k] for f in figures])) for k in figures[0]}
+
+
 def pick_figures(acc: np.ndarray, scores: np.ndarray, top_m: int) -> tuple[float, float, float]:
     """(picked − mean of the other sub-nets, best − picked, picked) in points, averaged over
     draws; the pick is the best-scored of the signature's top M (ties: the better signature rank)."""
-    minus_random, regret, picked = [], [], []
-    for row in np.atleast_2d(scores):
-        pick = int(np.argmax(row[:top_m]))  # argmax keeps the first, i.e. better-routed, on ties
-        others = np.delete(acc, pick)
-        minus_random.append(100.0 * (acc[pick] - others.mean()))
-        regret.append(100.0 * (acc.max() - acc[pick]))
-        picked.append(100.0 * acc[pick])
-    return float(np.mean(minus_random)), float(np.mean(regret)), float(np.mean(picked))
+    # argmax keeps the first, i.e. better-routed, on ties
+    row = mean_points([pick_points(acc, int(np.argmax(r[:top_m]))) for r in np.atleast_2d(scores)])
+    return row["minus_random_points"], row["regret_points"], row["probe_points"]
 
 
 def figures_row(acc: np.ndarray, scores: np.ndarray, top_m: int, unified: float | None) -> dict:
@@ -181,18 +187,20 @@ def device_cost(rows: list[dict], n: int, top_m: int, method: str) -> dict:
     return {"bytes": float(np.mean(bytes_)), "device_seconds": float(np.mean(secs))}
 
 
-def summarize(rows: list[dict]) -> dict:
+def pair_figures(rows: list[dict], get: Callable[[dict], float]) -> dict:
+    """One figure over the (seed, task) pairs: its interval over the pairs and over the seeds'
+    task means, the seeds' means, and how many pairs are above 0."""
     seeds = sorted({r["seed"] for r in rows})
+    per_seed = [float(np.mean([get(r) for r in rows if r["seed"] == s])) for s in seeds]
+    values = [float(get(r)) for r in rows]
+    return {"pairs": interval(values), "seeds": interval(per_seed), "per_seed": per_seed,
+            "positive_pairs": sum(v > 0 for v in values)}
 
-    def figures(get) -> dict:
-        per_seed = [float(np.mean([get(r) for r in rows if r["seed"] == s])) for s in seeds]
-        values = [get(r) for r in rows]
-        return {"pairs": interval(values), "seeds": interval(per_seed), "per_seed": per_seed,
-                "positive_pairs": sum(v > 0 for v in values)}
 
+def summarize(rows: list[dict]) -> dict:
     def all_figures(get) -> dict:
         names = [m for m in get(rows[0]) if m.endswith("_points")]
-        return {m: figures(lambda r, m=m: get(r)[m]) for m in names}
+        return {m: pair_figures(rows, lambda r, m=m: get(r)[m]) for m in names}
 
     out = {"signature": all_figures(lambda r: r["signature"]), "options": {}}
     for key in rows[0]["options"]:
@@ -309,27 +317,39 @@ def int_list(text: str) -> list[int]:
     return values
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", action="append", type=Path, help="SDRnet run dir")
+def run_parser(description: str) -> argparse.ArgumentParser:
+    """The options every per-sub-net bench on these runs shares: runs, seeds, unified baselines,
+    task size, threads, feature cache, output and --merge."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--run", action="append", type=Path, help="SDRnet run dir (K <= 64)")
     p.add_argument("--merge", nargs="+", type=Path,
                    help="summarise the rows of earlier outputs (seeds run as parallel processes)")
     p.add_argument("--seed", action="append", type=int, help="task split seed of each --run")
     p.add_argument("--unified", action="append", type=Path,
                    help="the unified run of each --run (same pool and seed), as a baseline")
     p.add_argument("--limit", type=int, default=0, help="images per task (0: all)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache", type=Path, help="feature cache folder (default: beside --out)")
+    p.add_argument("--out", type=Path, required=True)
+    return p
+
+
+def parse_run_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if not args.merge and not args.run:
+        p.error("give --run (or --merge)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = run_parser(__doc__.split("\n")[0])
     p.add_argument("--budgets", type=int_list, default=[5, 10, 25, 50, 100],
                    help="labelled images per class (default 5,10,25,50,100)")
     p.add_argument("--top-m", type=int_list, default=[2, 4, 8, 16], help="candidates downloaded")
     p.add_argument("--draws", type=int, default=3, help="label draws per budget")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cache", type=Path, help="feature cache folder (default: beside --out)")
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
+    args = parse_run_args(p, argv)
     if args.merge:
         return merge(args.merge, args.out)
-    if not args.run:
-        p.error("give --run (or --merge)")
     if args.draws < 1:
         p.error("--draws must be >= 1")
     t0 = time.perf_counter()
