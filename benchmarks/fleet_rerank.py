@@ -35,6 +35,7 @@ import label_budget  # noqa: E402  (the feature cache and the figures of the lab
 from sdr_edge.bench.paper_claim import unified_probe  # noqa: E402
 from sdr_edge.federated.fleet_rerank import weighted_choice  # noqa: E402
 from sdr_edge.federated.partition import partition  # noqa: E402
+from sdr_edge.routing.route_ids import format_route_id  # noqa: E402
 from sdr_edge.routing.transferability import (  # noqa: E402
     LABELLED_METHODS,
     TransferabilityError,
@@ -64,14 +65,17 @@ def evaluate(run: Path, task, seed: int, nodes: list[int], alphas: list[float | 
     acc, y = data["test_accuracy"], data["train_labels"]
     feats = data["train_features"][:top_m]
     unified_acc = None if unified is None else unified_probe(unified, task, seed)
+    selected = label_budget.selection_pick(data, seed)
     row = {"run": str(run), "task": task.name, "seed": seed, "num_subnets": len(acc),
            "train_images": int(len(y)), "classes": int(len(np.unique(y))),
            "bundle_bytes": int(data["bundle_bytes"]), "unified_probe": unified_acc,
-           "signature": label_budget.pick_points(acc, 0), "pooled": {}, "fleet": {}}
+           "selected_route": format_route_id(data["routes"][selected]),
+           "signature": label_budget.pick_points(acc, 0, selected), "pooled": {}, "fleet": {}}
     for method in methods:
         t0 = time.perf_counter()
         pooled = int(np.argmax([score_features(method, f, y) for f in feats]))
-        row["pooled"][method] = {**label_budget.pick_points(acc, pooled), "seconds": time.perf_counter() - t0}
+        row["pooled"][method] = {**label_budget.pick_points(acc, pooled, selected),
+                                 "seconds": time.perf_counter() - t0}
         for n in nodes:
             for alpha in alphas:
                 picks, skipped, unscored = [], [], 0
@@ -86,7 +90,7 @@ def evaluate(run: Path, task, seed: int, nodes: list[int], alphas: list[float | 
                     unscored += not scored  # the federation stops; here: the signature route
                     picks.append(weighted_choice(scored)[1] if scored else 0)
                 row["fleet"][f"{method}/{n}/{alpha_name(alpha)}"] = {
-                    **label_budget.mean_points([label_budget.pick_points(acc, k) for k in picks]),
+                    **label_budget.mean_points([label_budget.pick_points(acc, k, selected) for k in picks]),
                     "agrees_with_pooled": float(np.mean([k == pooled for k in picks])),
                     "nodes_skipped": float(np.mean(skipped)),
                     "no_node_scored": unscored / partitions}
@@ -128,10 +132,12 @@ def table(summary: dict) -> str:
         return (f"| {name} | {cell(o['minus_random_points'])} | "
                 f"{o['minus_random_points']['positive_pairs']} | "
                 f"{cell(unified) if unified else ''} | {o['regret_points']['pairs']['mean']:.2f} | "
+                f"{label_budget.selection_regret(o)} | "
                 f"{mean_of(o, 'agrees_with_pooled', '.2f')} | {mean_of(o, 'nodes_skipped', '.1f')} |")
 
     lines = ["| route choice | routed − random | pairs above random | routed − unified | regret "
-             "| agrees with pooled | nodes that cannot score |", "|---|---|---|---|---|---|---|",
+             "| regret, selection fold (mean / worst task) | agrees with pooled "
+             "| nodes that cannot score |", "|---|---|---|---|---|---|---|---|",
              line("signature (label-free)", summary["signature"])]
     lines += [line(f"{m}, one device with the whole split", o)
               for m, o in summary["pooled"].items()]

@@ -39,6 +39,7 @@ from sdr_edge.artifacts.run_dir import KIT_DIR, load_sdrnet
 from sdr_edge.bench.budgets import TaskSpec
 from sdr_edge.bench.domains import domain_tasks
 from sdr_edge.bench.paper_claim import interval, task_split, unified_probe
+from sdr_edge.routing.evaluate import selection_accuracy
 from sdr_edge.routing.kit_runtime import KitRunner, compute_signature
 from sdr_edge.routing.probe import extract_features, linear_probe_accuracy
 from sdr_edge.routing.rerank_eval import few_labels, weights_nbytes
@@ -120,30 +121,44 @@ def score_draws(data: dict, budgets: list[int], draws: int, seed: int) -> dict:
     return {"scores": scores, "seconds": seconds}
 
 
-def pick_points(acc: np.ndarray, pick: int) -> dict[str, float]:
+def selection_pick(data: dict, seed: int) -> int:
+    """The sub-net the task's own labels pick on the claim table's selection fold (25 % of the
+    train split, `routing.evaluate.selection_fold`; ties: the better signature rank). It is the
+    yardstick of the issue's regret target; unlike the best on the test set, it does not look
+    at the test split."""
+    f, y = data["train_features"], data["train_labels"]
+    return int(np.argmax([selection_accuracy(fk, y, seed) for fk in f]))
+
+
+def pick_points(acc: np.ndarray, pick: int, selected: int) -> dict[str, float]:
     """Sub-net `pick` against the controls, in points: minus the mean of the other sub-nets
-    (a random route), regret (the best on the test set minus it), and its own probe accuracy."""
+    (a random route), regret (the best on the test set minus it), regret by the selection fold
+    (the `selected` sub-net minus it, on the test set: negative when the pick is better), and
+    its own probe accuracy."""
     return {"minus_random_points": 100.0 * (acc[pick] - np.delete(acc, pick).mean()),
-            "regret_points": 100.0 * (acc.max() - acc[pick]), "probe_points": 100.0 * acc[pick]}
+            "regret_points": 100.0 * (acc.max() - acc[pick]),
+            "selection_regret_points": 100.0 * (acc[selected] - acc[pick]),
+            "probe_points": 100.0 * acc[pick]}
 
 
 def mean_points(figures: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([f[k] for f in figures])) for k in figures[0]}
 
 
-def pick_figures(acc: np.ndarray, scores: np.ndarray, top_m: int) -> tuple[float, float, float]:
-    """(picked − mean of the other sub-nets, best − picked, picked) in points, averaged over
-    draws; the pick is the best-scored of the signature's top M (ties: the better signature rank)."""
+def pick_figures(acc: np.ndarray, scores: np.ndarray, top_m: int, selected: int
+                 ) -> dict[str, float]:
+    """`pick_points` averaged over draws; each draw's pick is the best-scored of the
+    signature's top M (ties: the better signature rank)."""
     # argmax keeps the first, i.e. better-routed, on ties
-    row = mean_points([pick_points(acc, int(np.argmax(r[:top_m]))) for r in np.atleast_2d(scores)])
-    return row["minus_random_points"], row["regret_points"], row["probe_points"]
+    return mean_points([pick_points(acc, int(np.argmax(r[:top_m])), selected)
+                        for r in np.atleast_2d(scores)])
 
 
-def figures_row(acc: np.ndarray, scores: np.ndarray, top_m: int, unified: float | None) -> dict:
-    minus_random, regret, picked = pick_figures(acc, scores, top_m)
-    row = {"minus_random_points": minus_random, "regret_points": regret, "probe_points": picked}
+def figures_row(acc: np.ndarray, scores: np.ndarray, top_m: int, selected: int,
+                unified: float | None) -> dict:
+    row = pick_figures(acc, scores, top_m, selected)
     if unified is not None:
-        row["minus_unified_points"] = picked - 100.0 * unified
+        row["minus_unified_points"] = row["probe_points"] - 100.0 * unified
     return row
 
 
@@ -153,6 +168,7 @@ def evaluate(run: Path, task, seed: int, budgets: list[int], top_ms: list[int], 
     acc = data["test_accuracy"]
     k = len(acc)
     scored = score_draws(data, budgets, draws, seed)
+    selected = selection_pick(data, seed)
     unified_acc = None if unified is None else unified_probe(unified, task, seed)
     row = {"run": str(run), "task": task.name, "seed": seed, "num_subnets": k,
            "test_images": int(data["test_images"]), "train_images": int(len(data["train_labels"])),
@@ -160,7 +176,8 @@ def evaluate(run: Path, task, seed: int, budgets: list[int], top_ms: list[int], 
            "bundle_bytes": int(data["bundle_bytes"]),
            "extract_seconds_per_image": float(data["extract_seconds_per_image"]),
            "unified_probe": unified_acc,
-           "signature": figures_row(acc, np.zeros(k), 1, unified_acc),
+           "selected_route": format_route_id(data["routes"][selected]),
+           "signature": figures_row(acc, np.zeros(k), 1, selected, unified_acc),
            "accuracy": {format_route_id(r): float(a)
                         for r, a in zip(data["routes"], acc, strict=True)},
            "options": {}}
@@ -170,7 +187,7 @@ def evaluate(run: Path, task, seed: int, budgets: list[int], top_ms: list[int], 
                 if top_m > k:
                     continue
                 row["options"][f"{m}/{n}/{top_m}"] = {
-                    **figures_row(acc, scored["scores"][m][n], top_m, unified_acc),
+                    **figures_row(acc, scored["scores"][m][n], top_m, selected, unified_acc),
                     "score_seconds_per_subnet": scored["seconds"][m][n]}
     return row
 
@@ -189,12 +206,15 @@ def device_cost(rows: list[dict], n: int, top_m: int, method: str) -> dict:
 
 def pair_figures(rows: list[dict], get: Callable[[dict], float]) -> dict:
     """One figure over the (seed, task) pairs: its interval over the pairs and over the seeds'
-    task means, the seeds' means, and how many pairs are above 0."""
+    task means, the seeds' means, each task's mean over seeds (the claim table's per-task
+    figure), and how many pairs are above 0."""
     seeds = sorted({r["seed"] for r in rows})
     per_seed = [float(np.mean([get(r) for r in rows if r["seed"] == s])) for s in seeds]
+    tasks = dict.fromkeys(r["task"] for r in rows)
+    per_task = {t: float(np.mean([get(r) for r in rows if r["task"] == t])) for t in tasks}
     values = [float(get(r)) for r in rows]
     return {"pairs": interval(values), "seeds": interval(per_seed), "per_seed": per_seed,
-            "positive_pairs": sum(v > 0 for v in values)}
+            "per_task": per_task, "positive_pairs": sum(v > 0 for v in values)}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -223,17 +243,29 @@ def table(summary: dict) -> str:
         above = f"{unified['positive_pairs']}" if unified else ""
         return (f"| {name} | {n} | {top_m} | {o['probe_points']['pairs']['mean']:.1f} | "
                 f"{cell(o['minus_random_points'])} | {o['minus_random_points']['positive_pairs']} | "
-                f"{cell(unified)} | {above} | {o['regret_points']['pairs']['mean']:.2f} | {cost} |")
+                f"{cell(unified)} | {above} | {o['regret_points']['pairs']['mean']:.2f} | "
+                f"{selection_regret(o)} | {cost} |")
 
     lines = ["| score | labels per class | top M | routed | routed − random | pairs above random | "
-             "routed − unified | pairs above unified | regret | bytes, device s |",
-             "|---|---|---|---|---|---|---|---|---|---|",
+             "routed − unified | pairs above unified | regret | regret, selection fold "
+             "(mean / worst task) | bytes, device s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|",
              line("signature", "0", "1", summary["signature"], "")]
     for key, o in summary["options"].items():
         method, n, top_m = key.split("/")
         lines.append(line(method, n, top_m, o,
                           f"{o['bytes'] / 1e6:.1f} MB, {o['device_seconds']:.2f} s"))
     return "\n".join(lines)
+
+
+def selection_regret(o: dict) -> str:
+    """Regret by the selection fold over the pairs and for the worst task (its mean over
+    seeds: what the issue's "≤ 1 point on every task" is judged on), or "" in outputs from
+    before it was measured."""
+    fig = o.get("selection_regret_points")
+    if fig is None:
+        return ""
+    return f"{fig['pairs']['mean']:+.2f} / {max(fig['per_task'].values()):+.2f}"
 
 
 def plot(summary: dict, path: Path, top_m: int) -> Path:

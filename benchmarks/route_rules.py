@@ -31,8 +31,7 @@ from tqdm import tqdm
 from sdr_edge.artifacts.run_dir import KIT_DIR, load_sdrnet
 from sdr_edge.bench.domains import domain_tasks
 from sdr_edge.bench.paper_claim import interval, task_split
-from sdr_edge.data.sources import ImageSource
-from sdr_edge.routing.evaluate import random_control_routes, split_task
+from sdr_edge.routing.evaluate import random_control_routes, selection_accuracy
 from sdr_edge.routing.joint import RULES, ranked_routes
 from sdr_edge.routing.kit_runtime import KitRunner
 from sdr_edge.routing.probe import extract_features, linear_probe_accuracy
@@ -60,14 +59,12 @@ def evaluate(run: Path, task, seed: int, all_up_to: int, random_routes: int) -> 
         randoms = random_control_routes(net.branching, routed["marginal"], random_routes, seed)
         tops = [r for rule in RULES for r, _ in ranked[rule][:3]]
         probe_set = list(dict.fromkeys(tops + randoms))
-    # the selection fold of `evaluate_routing`: 25 % of the train split, stratified, seed + 1
-    fit, sel = split_task(ImageSource(task.name, x_tr, y_tr), 0.25, seed + 1)
     acc, sel_acc = {}, {}
     for route in tqdm(probe_set, desc=f"{task.name} sub-nets", leave=False):
         backbone = net.extract(route).eval()
         f_tr, f_te = extract_features(backbone, x_tr, spec), extract_features(backbone, x_te, spec)
         acc[route] = linear_probe_accuracy(f_tr, y_tr, f_te, y_te, seed=seed)
-        sel_acc[route] = linear_probe_accuracy(f_tr[fit], y_tr[fit], f_tr[sel], y_tr[sel], seed=seed)
+        sel_acc[route] = selection_accuracy(f_tr, y_tr, seed)
     picked = max(probe_set, key=sel_acc.__getitem__)  # ties: the first probed
     controls = probe_set if exhaustive else randoms
     row = {"run": str(run), "task": task.name, "seed": seed, "num_subnets": net.num_subnets,

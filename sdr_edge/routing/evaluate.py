@@ -61,20 +61,42 @@ def split_task(source: ImageSource, test_fraction: float, seed: int
     if source.labels is None:
         raise RouteEvalError(f"task {source.name!r} has no labels (use a folder with one "
                              "sub-folder per class, builtin:digits or fashion-mnist)")
+    return split_labels(source.labels, test_fraction, seed, f"task {source.name!r}")
+
+
+def split_labels(labels: np.ndarray, test_fraction: float, seed: int, what: str
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """`split_task` on the labels alone (`what` names them in the error)."""
     if not 0.0 < test_fraction < 1.0:
         raise RouteEvalError(f"test fraction must be in (0, 1), got {test_fraction}")
-    idx = np.arange(len(source))
-    counts = np.bincount(source.labels)
-    stratify = source.labels if counts[counts > 0].min() >= 2 else None
+    idx = np.arange(len(labels))
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 else None
     if stratify is None:
         log.warning("some class has a single image: splitting without stratification")
     try:
         train, test = train_test_split(idx, test_size=test_fraction, random_state=seed,
                                        stratify=stratify)
     except ValueError as exc:
-        raise RouteEvalError(f"cannot split task {source.name!r} ({len(source)} images): "
-                             f"{exc}") from exc
+        raise RouteEvalError(f"cannot split {what} ({len(labels)} images): {exc}") from exc
     return np.sort(train), np.sort(test)
+
+
+SELECTION_FRACTION = 0.25
+
+
+def selection_fold(train_labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, selection) indices into a task's train split: the fold on which the task's own
+    labels pick the "best" candidate without looking at the test split (the max of many noisy
+    test scores is biased upward: the winner's curse)."""
+    return split_labels(train_labels, SELECTION_FRACTION, seed + 1, "the train split")
+
+
+def selection_accuracy(train_features: np.ndarray, train_labels: np.ndarray, seed: int) -> float:
+    """One candidate's linear-probe accuracy on the selection fold, fitted on the rest."""
+    fit, sel = selection_fold(train_labels, seed)
+    return linear_probe_accuracy(train_features[fit], train_labels[fit], train_features[sel],
+                                 train_labels[sel], seed=seed)
 
 
 def _nan_to_none(v: float) -> float | None:
@@ -135,9 +157,6 @@ def evaluate_routing(run_dir: str | Path, task_source: str, candidates: str | in
     if routed not in chosen:
         chosen.append(routed)
 
-    # A selection fold of the train split picks the "best" candidate without looking at the
-    # test split: the max of many noisy test scores is biased upward (winner's curse).
-    fit_idx, sel_idx = split_task(source.subset(train_idx), 0.25, seed + 1)
     randoms = random_control_routes(net.branching, routed, random_routes, seed) \
         if random_routes else []
     lowest = scored[-1][0]
@@ -153,8 +172,7 @@ def evaluate_routing(run_dir: str | Path, task_source: str, candidates: str | in
             "score": score_of[route],
             "score_rank": rank_of[route],
             "probe_accuracy": linear_probe_accuracy(f_tr, y_tr, f_te, y_te, seed=seed),
-            "selection_accuracy": linear_probe_accuracy(f_tr[fit_idx], y_tr[fit_idx],
-                                                        f_tr[sel_idx], y_tr[sel_idx], seed=seed),
+            "selection_accuracy": selection_accuracy(f_tr, y_tr, seed),
             "knn_accuracy": knn_probe_accuracy(f_tr, y_tr, f_te, y_te, k=knn_k),
             "routed": route == routed,
         }

@@ -31,13 +31,17 @@ def test_fleet_rerank_on_a_tiny_run(tiny_run, tmp_path, capsys) -> None:
             assert one["minus_random_points"] == pytest.approx(
                 row["pooled"][method]["minus_random_points"])
         assert all(f["regret_points"] >= 0 for f in row["fleet"].values())
+        # regret by the selection fold: the same pick, against the selection fold's sub-net
+        for f in [row["pooled"][method], *row["fleet"].values()]:
+            assert f["selection_regret_points"] - f["regret_points"] == pytest.approx(
+                row["signature"]["selection_regret_points"] - row["signature"]["regret_points"])
     # strong label skew over many nodes leaves some nodes with one class: they cannot score
     assert row["fleet"]["logme/10/0.05"]["nodes_skipped"] > 0
     assert row["fleet"]["logme/3/iid"]["nodes_skipped"] == 0
     summary = bench.summarize([row, {**row, "seed": 1}])
     assert summary["fleet"]["knn/3/iid"]["minus_random_points"]["pairs"]["n"] == 2
     text = bench.table(summary)
-    assert "| logme, 10 nodes, Dirichlet 0.05 |" in text and "| signature (label-free) |" in text
+    assert "| logme, 10 nodes, Dirichlet 0.05 |" in text and " / " in text and "| signature (label-free) |" in text
     one = tmp_path / "seed0.json"
     one.write_text(json.dumps({"rows": [row]}))
     assert bench.main(["--merge", str(one), str(one), "--out", str(tmp_path / "all.json")]) == 0

@@ -20,14 +20,20 @@ def tiny_run(tmp_path_factory):
 def test_pick_is_the_best_scored_of_the_top_m_against_the_other_subnets() -> None:
     bench = load_benchmark("label_budget")
     acc = np.array([0.5, 0.6, 0.7, 0.8])  # signature order: index 0 is the routed sub-net
-    minus_random, regret, picked = bench.pick_figures(acc, np.array([[0.0, 1.0, 0.0, 0.0]]), 4)
-    assert minus_random == pytest.approx(100 * (0.6 - np.mean([0.5, 0.7, 0.8])))
-    assert regret == pytest.approx(20.0) and picked == pytest.approx(60.0)
+    # the selection fold picked sub-net 2 (0.7): picking 1 (0.6) is 10 points behind it
+    one = bench.pick_figures(acc, np.array([[0.0, 1.0, 0.0, 0.0]]), 4, selected=2)
+    assert one["minus_random_points"] == pytest.approx(100 * (0.6 - np.mean([0.5, 0.7, 0.8])))
+    assert one["regret_points"] == pytest.approx(20.0) and one["probe_points"] == pytest.approx(60.0)
+    assert one["selection_regret_points"] == pytest.approx(10.0)
+    # better than the selection fold's pick: a negative regret by the selection fold
+    assert bench.pick_figures(acc, np.array([[0, 0, 0, 1.0]]), 4, 2)[
+        "selection_regret_points"] == pytest.approx(-10.0)
     # the top M bounds the choice; ties keep the better-routed candidate
-    assert bench.pick_figures(acc, np.array([[0.0, 0.0, 0.0, 9.0]]), 2)[1] == pytest.approx(30.0)
+    assert bench.pick_figures(acc, np.array([[0.0, 0.0, 0.0, 9.0]]), 2, 2)[
+        "regret_points"] == pytest.approx(30.0)
     # two draws: the figures are their mean
-    two = bench.pick_figures(acc, np.array([[0, 0, 0, 1.0], [1.0, 0, 0, 0]]), 4)
-    assert two[1] == pytest.approx((0.0 + 30.0) / 2)
+    two = bench.pick_figures(acc, np.array([[0, 0, 0, 1.0], [1.0, 0, 0, 0]]), 4, 2)
+    assert two["regret_points"] == pytest.approx((0.0 + 30.0) / 2)
 
 
 def test_label_budget_on_a_tiny_run(tiny_run, tmp_path, capsys) -> None:
@@ -42,6 +48,10 @@ def test_label_budget_on_a_tiny_run(tiny_run, tmp_path, capsys) -> None:
     assert row["signature"]["minus_random_points"] == pytest.approx(
         100 * (routed - np.delete(acc, 0).mean()))
     assert 0.1 < row["unified_probe"] <= 1.0
+    # the selection fold's pick is one of the sub-nets; the signature's regret against it
+    assert row["selected_route"] in row["accuracy"]
+    assert row["signature"]["selection_regret_points"] == pytest.approx(
+        100 * (row["accuracy"][row["selected_route"]] - routed))
     assert row["signature"]["minus_unified_points"] == pytest.approx(
         100 * (routed - row["unified_probe"]))
     for method in ("logme", "knn", "probe"):
