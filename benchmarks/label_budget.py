@@ -8,7 +8,8 @@
 The signature (kit only, label-free) ranks every sub-net of a small SDRnet; a device holding n
 labelled images per class may download the top M and keep the one a transferability score
 rates best on those n (`sdr_edge.routing.transferability`: LogME, leave-one-out kNN, or the
-cross-validated linear probe). Every sub-net is probed on the task's test split (all of them:
+cross-validated linear probe); a device without labels may re-rank the top M on its whole
+train split by RankMe or the consensus score (rows with 0 labels per class). Every sub-net is probed on the task's test split (all of them:
 the script needs K <= 64), so routed − random is exact (the mean over the other sub-nets) and
 every (score, n, M) is judged by the same yardstick as the claim table (with `--unified`, one per
 --run, also against the unified model on the same split). Each n is drawn
@@ -45,7 +46,12 @@ from sdr_edge.routing.probe import extract_features, linear_probe_accuracy
 from sdr_edge.routing.rerank_eval import few_labels, weights_nbytes
 from sdr_edge.routing.route_ids import format_route_id
 from sdr_edge.routing.signature import score_routes
-from sdr_edge.routing.transferability import LABELLED_METHODS, score_features
+from sdr_edge.routing.transferability import (
+    LABEL_FREE_METHODS,
+    LABELLED_METHODS,
+    score_candidates,
+    score_features,
+)
 
 CACHE_VERSION = 1
 CACHE_FIELDS = ("version", "run_sha256", "routes", "train_features", "train_labels",
@@ -121,6 +127,23 @@ def score_draws(data: dict, budgets: list[int], draws: int, seed: int) -> dict:
     return {"scores": scores, "seconds": seconds}
 
 
+def label_free_scores(data: dict, top_ms: list[int]) -> dict:
+    """scores[method][M] -> the signature's top M scored without labels on the whole train
+    split (the device's unlabelled images; the consensus score depends on which candidates
+    are scored together, so it is computed per M), and the seconds per sub-net."""
+    f = data["train_features"]
+    scores: dict = {m: {} for m in LABEL_FREE_METHODS}
+    seconds: dict = {m: {} for m in LABEL_FREE_METHODS}
+    for m in LABEL_FREE_METHODS:
+        for top_m in top_ms:
+            if top_m > len(f):
+                continue
+            t0 = time.perf_counter()
+            scores[m][top_m] = np.asarray(score_candidates(m, list(f[:top_m])))
+            seconds[m][top_m] = (time.perf_counter() - t0) / top_m
+    return {"scores": scores, "seconds": seconds}
+
+
 def selection_pick(data: dict, seed: int) -> int:
     """The sub-net the task's own labels pick on the claim table's selection fold (25 % of the
     train split, `routing.evaluate.selection_fold`; ties: the better signature rank). It is the
@@ -189,15 +212,22 @@ def evaluate(run: Path, task, seed: int, budgets: list[int], top_ms: list[int], 
                 row["options"][f"{m}/{n}/{top_m}"] = {
                     **figures_row(acc, scored["scores"][m][n], top_m, selected, unified_acc),
                     "score_seconds_per_subnet": scored["seconds"][m][n]}
+    free = label_free_scores(data, top_ms)
+    for m in LABEL_FREE_METHODS:
+        for top_m, scores in free["scores"][m].items():
+            row["options"][f"{m}/0/{top_m}"] = {
+                **figures_row(acc, scores, top_m, selected, unified_acc),
+                "score_seconds_per_subnet": free["seconds"][m][top_m]}
     return row
 
 
 def device_cost(rows: list[dict], n: int, top_m: int, method: str) -> dict:
     """Mean over tasks of what a device pays for one (method, n, M): M bundles, extraction of
-    its n x classes labelled images by M sub-nets, M scores."""
+    its n x classes labelled images (n = 0: label-free, every train image) by M sub-nets, M
+    scores."""
     bytes_, secs = [], []
     for r in rows:
-        labelled = min(n * r["classes"], r["train_images"])
+        labelled = min(n * r["classes"], r["train_images"]) if n else r["train_images"]
         bytes_.append(top_m * r["bundle_bytes"])
         secs.append(top_m * (labelled * r["extract_seconds_per_image"]
                              + r["options"][f"{method}/{n}/{top_m}"]["score_seconds_per_subnet"]))
@@ -292,6 +322,10 @@ def plot(summary: dict, path: Path, top_m: int) -> Path:
     ax.axhspan(sig["lo"] if sig["lo"] is not None else sig["mean"],
                sig["hi"] if sig["hi"] is not None else sig["mean"], color="tab:red", alpha=0.12)
     ax.axhline(sig["mean"], color="tab:red", label="signature route (label-free)")
+    for method, color in zip(LABEL_FREE_METHODS, ("tab:purple", "tab:brown"), strict=True):
+        if (free := summary["options"].get(f"{method}/0/{top_m}")) is not None:
+            ax.axhline(free["minus_random_points"]["pairs"]["mean"], color=color, linestyle=":",
+                       label=f"{method}, top {top_m} (label-free)")
     ax.axhline(1.0, color="grey", linestyle="--", label="target +1")
     ax.axhline(0.0, color="black", linewidth=0.6)
     ax.set_xscale("log")

@@ -85,7 +85,7 @@ class AgentConfig(BaseModel):
     token_file: Path | None = Field(None, validation_alias=_key("registry", "token_file"))
     cacert: Path | None = Field(None, validation_alias=_key("registry", "cacert"))
     # `sdr-client fetch --rerank`: download the top M and keep the best on the local images
-    rerank: Literal["rankme", "logme", "knn", "probe"] | None = Field(
+    rerank: Literal["rankme", "consensus", "logme", "knn", "probe"] | None = Field(
         None, validation_alias=_key("registry", "rerank"))
     top_m: int = Field(8, ge=1, le=64, validation_alias=_key("registry", "top_m"))
     superlink: str = Field("", validation_alias=_key("federation", "superlink"))

@@ -34,9 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rerank = parser.add_argument_group(
         "re-ranking on the device (with --signature; needs torch)",
         "download the top M routed sub-nets, run each on local images and keep the best: "
-        "rankme needs no labels; logme, knn and probe (cross-validated linear probe) need one "
-        "sub-folder per class in --images")
-    rerank.add_argument("--rerank", choices=("rankme", "logme", "knn", "probe"),
+        "rankme and consensus (LogME against the candidates' shared clusters) need no labels; "
+        "logme, knn and probe (cross-validated linear probe) need one sub-folder per class in "
+        "--images")
+    rerank.add_argument("--rerank", choices=("rankme", "consensus", "logme", "knn", "probe"),
                         help="score the top-M candidates on --images and keep the best")
     rerank.add_argument("--top-m", type=int, default=8, help="candidates to download (default 8)")
     rerank.add_argument("--images", type=Path, help="local images (class sub-folders for labels)")

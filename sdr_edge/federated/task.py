@@ -95,7 +95,8 @@ def rerank_task(content: RecordDict, node_config: Mapping[str, object],
     """Score each candidate sub-net the server sent by its features on this node's data.
 
     Labelled methods (LogME, kNN, the CV probe) score on the training split, the images the
-    node fine-tunes on, and need two classes; RankMe scores every local image. Only the scores
+    node fine-tunes on, and need two classes; RankMe and the consensus score use every local
+    image. Only the scores
     and the image count go back (`sdr_edge.federated.fleet_rerank`).
     """
     from sdr_edge.federated.fleet_rerank import candidate_key, score_key
@@ -104,7 +105,7 @@ def rerank_task(content: RecordDict, node_config: Mapping[str, object],
         LABELLED_METHODS,
         RERANK_METHODS,
         TransferabilityError,
-        score_features,
+        score_candidates,
     )
 
     config = _config(content)
@@ -113,7 +114,7 @@ def rerank_task(content: RecordDict, node_config: Mapping[str, object],
         raise ValueError(f"unknown re-rank method {method!r} ({', '.join(RERANK_METHODS)})")
     count = int(config.get("candidates", 0))  # type: ignore[arg-type]
     labelled = method in LABELLED_METHODS
-    scores: dict[str, float] = {}
+    features = []
     n = 0
     for i in range(count):
         key = candidate_key(i)
@@ -126,13 +127,14 @@ def rerank_task(content: RecordDict, node_config: Mapping[str, object],
             raise NodeDataError(f"re-rank by {method} needs two classes in the training split, "
                                 f"this node has {len(np.unique(data.train.labels))}")
         images = data.train.images if labelled else data.all_images()
-        feats = extract_features(model.backbone, images, spec)
-        try:
-            scores[score_key(i)] = score_features(method, feats,
-                                                  data.train.labels if labelled else None)
-        except TransferabilityError as exc:
-            raise NodeDataError(f"re-rank by {method}: {exc}") from exc
+        features.append(extract_features(model.backbone, images, spec))
         n = len(images)
+    try:
+        values = score_candidates(method, features, data.train.labels if labelled else None) \
+            if features else []
+    except TransferabilityError as exc:
+        raise NodeDataError(f"re-rank by {method}: {exc}") from exc
+    scores = {score_key(i): v for i, v in enumerate(values)}
     log.info("scored %d candidate(s) by %s on %d local image(s)", count, method, n)
     return RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: n, **scores})})
 

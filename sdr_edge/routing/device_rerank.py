@@ -2,8 +2,8 @@
 
 The registry's signature route is label-free and costs one download. A device that can afford
 M downloads may instead fetch the top M (every bundle verified in memory, nothing written yet),
-run each on its own images and keep the one that RankMe (no labels) or LogME / kNN (a few labels:
-a folder with one sub-folder per class) scores best; `sdr_edge.routing.rerank_eval` measures
+run each on its own images and keep the one that RankMe or the consensus score (no labels) or
+LogME / kNN / the CV probe (a few labels: a folder with one sub-folder per class) scores best; `sdr_edge.routing.rerank_eval` measures
 what that buys. Needs torch: the candidates run as PyTorch sub-nets, which a device install
 (`pip install sdr-edge`, ONNX Runtime only) lacks; importing this module there raises an
 ImportError that names the extra to install (`RERANK_EXTRA`), before anything is downloaded.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sdr_edge.errors import SdrEdgeError
-from sdr_edge.routing.transferability import LABELLED_METHODS, RERANK_METHODS, score_features
+from sdr_edge.routing.transferability import LABELLED_METHODS, RERANK_METHODS, score_candidates
 
 RERANK_EXTRA = "sdr-edge[rerank]"
 # What running and scoring a candidate imports beyond a device install (bundle loading,
@@ -71,15 +71,15 @@ def rerank_bundles(bundles: Sequence[dict[str, bytes]], pubkey, images: np.ndarr
     if not bundles:
         raise RerankError("no candidate bundles to re-rank")
     t0 = time.perf_counter()
-    scores = []
+    features = []
     for files in bundles:
         bundle = bundle_from_files(files, pubkey)
         spec = bundle.input_spec
         if images.shape[1:] != (spec.image_size, spec.image_size, spec.channels):
             raise RerankError(f"images are {images.shape[1:]}, the sub-net wants "
                              f"{spec.image_size}x{spec.image_size}x{spec.channels}")
-        feats = extract_features(bundle.model.backbone, images, spec, batch_size)
-        scores.append(score_features(method, feats, labels))
+        features.append(extract_features(bundle.model.backbone, images, spec, batch_size))
+    scores = score_candidates(method, features, labels)
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))
     return RerankChoice(best, tuple(scores), time.perf_counter() - t0)
 

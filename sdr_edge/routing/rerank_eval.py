@@ -2,8 +2,8 @@
 
 For one labelled task and one SDRnet run, the task's train split plays the device's local images.
 The signature (kit only, label-free) ranks all sub-nets; the device may then download the top M
-and re-rank them by the features they give on its own images: RankMe (label-free) or, with a few
-labels per class, LogME or leave-one-out kNN (`sdr_edge.routing.transferability`). Every option
+and re-rank them by the features they give on its own images: RankMe or the consensus score
+(label-free) or, with a few labels per class, LogME, leave-one-out kNN or the CV probe (`sdr_edge.routing.transferability`). Every option
 is judged by the same yardstick, the linear-probe test accuracy of the sub-net it picks, against
 the best of the M candidates (regret) and against random routes (routed − random). Cost is what
 the device pays: bytes downloaded (M bundles instead of one) and seconds of feature extraction
@@ -25,9 +25,9 @@ from sdr_edge.routing.evaluate import random_control_routes, split_task
 from sdr_edge.routing.kit_runtime import KitRunner, compute_signature
 from sdr_edge.routing.probe import extract_features, linear_probe_accuracy
 from sdr_edge.routing.signature import Route, score_routes
-from sdr_edge.routing.transferability import score_features
+from sdr_edge.routing.transferability import LABEL_FREE_METHODS, score_candidates
 
-OPTIONS = ("signature", "rankme", "logme", "knn", "probe")
+OPTIONS = ("signature", "rankme", "consensus", "logme", "knn", "probe")
 
 
 def weights_nbytes(backbone: nn.Module) -> int:
@@ -64,8 +64,8 @@ def evaluate_rerank(run_dir: str | Path, task_source: str, *, top_m: int = 8,
     labelled = few_labels(y_tr, labels_per_class, seed)
 
     probe: dict[Route, float] = {}
-    option_scores: dict[str, dict[Route, float]] = {m: {} for m in OPTIONS[1:]}
-    seconds = {m: 0.0 for m in OPTIONS[1:]}
+    features: dict[Route, np.ndarray] = {}
+    extract_seconds = 0.0
     bundle_bytes = []
     for route in dict.fromkeys(candidates + randoms):
         backbone = net.extract(route).eval()
@@ -75,15 +75,20 @@ def evaluate_rerank(run_dir: str | Path, task_source: str, *, top_m: int = 8,
         probe[route] = linear_probe_accuracy(f_tr, y_tr, extract_features(backbone, x_te, spec,
                                                                           batch_size), y_te,
                                              seed=seed)
-        if route not in candidates:
-            continue
-        bundle_bytes.append(weights_nbytes(backbone))
-        for method in option_scores:
-            t0 = time.perf_counter()
-            labels = None if method == "rankme" else y_tr[labelled]
-            feats = f_tr if method == "rankme" else f_tr[labelled]
-            option_scores[method][route] = score_features(method, feats, labels)
-            seconds[method] += extract_s + time.perf_counter() - t0
+        if route in candidates:
+            features[route] = f_tr
+            extract_seconds += extract_s
+            bundle_bytes.append(weights_nbytes(backbone))
+
+    option_scores: dict[str, dict[Route, float]] = {}
+    seconds: dict[str, float] = {}
+    for method in OPTIONS[1:]:
+        t0 = time.perf_counter()
+        unlabelled = method in LABEL_FREE_METHODS
+        feats = [features[r] if unlabelled else features[r][labelled] for r in candidates]
+        values = score_candidates(method, feats, None if unlabelled else y_tr[labelled])
+        option_scores[method] = dict(zip(candidates, values, strict=True))
+        seconds[method] = extract_seconds + time.perf_counter() - t0
 
     best = max(probe[r] for r in candidates)
     random_mean = float(np.mean([probe[r] for r in randoms])) if randoms else float("nan")

@@ -51,44 +51,53 @@ def rankme(features: np.ndarray) -> float:
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
-def _logme_one(s2: np.ndarray, uty: np.ndarray, y_norm2: float, n: int, d: int,
-               iters: int, tol: float) -> float:
-    """Evidence of one target column; fixed-point updates of alpha (prior) and beta (noise)."""
-    alpha, beta = 1.0, 1.0
+def _logme_evidence(s2: np.ndarray, uty: np.ndarray, y_norm2: np.ndarray, n: int, d: int,
+                    iters: int, tol: float) -> np.ndarray:
+    """Evidence per target column (C columns at once): the paper's fixed-point updates of alpha
+    (prior precision) and beta (noise precision), each column until its own convergence."""
+    s2 = s2[:, None]  # r x 1 against uty: r x C
+    c = uty.shape[1]
+    alpha, beta = np.ones(c), np.ones(c)
     # Residual of y outside the span of the features does not depend on alpha or beta.
-    res_outside = max(y_norm2 - float((uty ** 2).sum()), 0.0)
+    res_outside = np.maximum(y_norm2 - (uty ** 2).sum(axis=0), 0.0)
+    active = np.ones(c, dtype=bool)
+
+    def moments(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        denom = (alpha + beta * s2) ** 2
+        m2 = (beta ** 2 * s2 * uty ** 2 / denom).sum(axis=0)
+        res = (alpha ** 2 * uty ** 2 / denom).sum(axis=0) + res_outside
+        return m2, res
+
     for _ in range(iters):
-        gamma = float((beta * s2 / (alpha + beta * s2)).sum())
-        m2 = float((beta ** 2 * s2 * uty ** 2 / (alpha + beta * s2) ** 2).sum())
-        res = float((alpha ** 2 * uty ** 2 / (alpha + beta * s2) ** 2).sum()) + res_outside
-        new_alpha = gamma / max(m2, 1e-12)
-        new_beta = (n - gamma) / max(res, 1e-12)
-        done = abs(new_alpha - alpha) / alpha < tol and abs(new_beta - beta) / beta < tol
+        gamma = (beta * s2 / (alpha + beta * s2)).sum(axis=0)
+        m2, res = moments(alpha, beta)
+        new_alpha = np.where(active, gamma / np.maximum(m2, 1e-12), alpha)
+        new_beta = np.where(active, (n - gamma) / np.maximum(res, 1e-12), beta)
+        done = (np.abs(new_alpha - alpha) / alpha < tol) & (np.abs(new_beta - beta) / beta < tol)
         alpha, beta = new_alpha, new_beta
-        if done:
+        active &= ~done
+        if not active.any():
             break
-    m2 = float((beta ** 2 * s2 * uty ** 2 / (alpha + beta * s2) ** 2).sum())
-    res = float((alpha ** 2 * uty ** 2 / (alpha + beta * s2) ** 2).sum()) + res_outside
-    logdet = float(np.log(alpha + beta * s2).sum()) + (d - s2.shape[0]) * np.log(alpha)
+    m2, res = moments(alpha, beta)
+    logdet = np.log(alpha + beta * s2).sum(axis=0) + (d - s2.shape[0]) * np.log(alpha)
     evidence = (n / 2 * np.log(beta) + d / 2 * np.log(alpha) - n / 2 * np.log(2 * np.pi)
                 - beta / 2 * res - alpha / 2 * m2 - logdet / 2)
-    return float(evidence / n)
+    return evidence / n
 
 
 def logme(features: np.ndarray, labels: np.ndarray, iters: int = 100, tol: float = 1e-4) -> float:
-    """LogME of features for integer labels (You et al. 2021, Algorithm 1), mean over classes."""
+    """LogME of features for integer labels (You et al. 2021, Algorithm 1), mean over classes
+    (one-hot targets, every class's evidence maximised on its own, all classes at once)."""
     f = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels)
     if f.ndim != 2 or f.shape[0] != y.shape[0] or f.shape[0] < 2:
         raise TransferabilityError(f"logme needs N x D features and N labels, got {f.shape} and {y.shape}")
     n, d = f.shape
     u, s, _ = np.linalg.svd(f, full_matrices=False)
-    s2 = s ** 2
-    scores = []
-    for cls in np.unique(y):
-        target = (y == cls).astype(np.float64)
-        scores.append(_logme_one(s2, u.T @ target, float(target @ target), n, d, iters, tol))
-    return float(np.mean(scores))
+    targets = (y[:, None] == np.unique(y)[None, :]).astype(np.float64)  # N x C one-hot
+    evidence = _logme_evidence(s ** 2, u.T @ targets, (targets ** 2).sum(axis=0), n, d,
+                               iters, tol)
+    return float(evidence.mean())
 
 
 def knn_loo_accuracy(features: np.ndarray, labels: np.ndarray, k: int = 5) -> float:
@@ -130,16 +139,62 @@ def probe_cv_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 5,
         return float(cross_val_score(linear_probe(seed=seed), f, y, cv=splits).mean())
 
 
-RERANK_METHODS = ("rankme", "logme", "knn", "probe")
+CONSENSUS_CLUSTERS = 32  # k-means clusters of the consensus pseudo-labels (see consensus_logme)
+
+
+def _standardised(features: np.ndarray) -> np.ndarray:
+    f = np.asarray(features, dtype=np.float64)
+    f = f - f.mean(axis=0)
+    return f / (f.std(axis=0) + 1e-6)
+
+
+def consensus_labels(features: Sequence[np.ndarray], clusters: int = CONSENSUS_CLUSTERS,
+                     seed: int = 0) -> np.ndarray:
+    """Pseudo-labels of the local images that every candidate's features agree on: k-means over
+    the candidates' features side by side (each standardised per dimension, each image's block
+    scaled to unit length, so every candidate weighs the same). Clustering the concatenated
+    views is the cluster-ensemble idea of Strehl & Ghosh, "Cluster Ensembles", JMLR 2002."""
+    from sklearn.cluster import KMeans
+
+    blocks = [_standardised(f) for f in features]
+    if not blocks or any(b.ndim != 2 or b.shape[0] != blocks[0].shape[0] for b in blocks):
+        raise TransferabilityError("consensus needs one N x D feature matrix per candidate, "
+                                   "all of the same N images")
+    n = blocks[0].shape[0]
+    if clusters < 2 or n <= clusters:
+        raise TransferabilityError(f"consensus re-ranking with {clusters} clusters needs more "
+                                   f"than {clusters} local images, got {n}")
+    x = np.concatenate([b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+                        for b in blocks], axis=1)
+    return KMeans(clusters, n_init=3, random_state=seed).fit_predict(x)
+
+
+def consensus_logme(features: Sequence[np.ndarray], clusters: int = CONSENSUS_CLUSTERS,
+                    seed: int = 0) -> list[float]:
+    """Label-free: each candidate's LogME (You et al. 2021) against `consensus_labels` of all
+    candidates. No single sub-net's features hold the task's classes as well as the M of them
+    together; the candidate whose features best predict their common clusters is the one that
+    carries the structure the others agree on, not one that is merely spread out (what RankMe
+    rewards). Measured in benchmarks/label_budget.py (README, *Label-free re-ranking*)."""
+    labels = consensus_labels(features, clusters, seed)
+    return [logme(_standardised(f), labels) for f in features]
+
+
+RERANK_METHODS = ("rankme", "consensus", "logme", "knn", "probe")
 LABELLED_METHODS = ("logme", "knn", "probe")
+LABEL_FREE_METHODS = ("rankme", "consensus")
+JOINT_METHODS = ("consensus",)  # a candidate's score depends on the other candidates too
 
 
 def score_features(method: str, features: np.ndarray, labels: np.ndarray | None = None) -> float:
-    """One candidate's re-ranking score by `method` (labels needed for all but rankme)."""
+    """One candidate's re-ranking score by `method` (labels needed for all but rankme; the
+    joint consensus score needs every candidate at once: `score_candidates`)."""
     if method == "rankme":
         return rankme(features)
     if method not in RERANK_METHODS:
         raise TransferabilityError(f"unknown re-ranking method {method!r} ({', '.join(RERANK_METHODS)})")
+    if method in JOINT_METHODS:
+        raise TransferabilityError(f"{method} scores the candidates together: use score_candidates")
     if labels is None:
         raise TransferabilityError(f"re-ranking by {method} needs labels for the local images")
     if method == "probe":
@@ -147,11 +202,20 @@ def score_features(method: str, features: np.ndarray, labels: np.ndarray | None 
     return logme(features, labels) if method == "logme" else knn_loo_accuracy(features, labels)
 
 
+def score_candidates(method: str, features: Sequence[np.ndarray],
+                     labels: np.ndarray | None = None) -> list[float]:
+    """Every candidate's score by `method`, from each one's features on the same local images
+    (in candidate order)."""
+    if method == "consensus":
+        return consensus_logme(features)
+    return [score_features(method, f, labels) for f in features]
+
+
 def rerank(candidates: Sequence[tuple[int, ...]],
            features_of: Callable[[tuple[int, ...]], np.ndarray], method: str,
            labels: np.ndarray | None = None) -> list[tuple[tuple[int, ...], float]]:
     """Candidates ordered by `method`'s score of their features, best first (stable on ties)."""
-    scored = [(tuple(c), score_features(method, features_of(tuple(c)), labels))
-              for c in candidates]
-    order = sorted(range(len(scored)), key=lambda i: (-scored[i][1], i))
-    return [scored[i] for i in order]
+    routes = [tuple(c) for c in candidates]
+    scores = score_candidates(method, [features_of(c) for c in routes], labels)
+    order = sorted(range(len(routes)), key=lambda i: (-scores[i], i))
+    return [(routes[i], scores[i]) for i in order]

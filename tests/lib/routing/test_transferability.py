@@ -7,11 +7,14 @@ import pytest
 
 from sdr_edge.routing.transferability import (
     TransferabilityError,
+    consensus_labels,
+    consensus_logme,
     knn_loo_accuracy,
     logme,
     probe_cv_accuracy,
     rankme,
     rerank,
+    score_candidates,
     score_features,
 )
 
@@ -49,6 +52,34 @@ def test_logme_matches_brute_force_evidence() -> None:
     grid = np.exp(np.linspace(-6, 6, 61))
     best = [max(evidence(a, b, (y == c).astype(float)) for a in grid for b in grid) for c in (0, 1)]
     assert score == pytest.approx(np.mean(best), abs=0.02)
+
+
+def test_consensus_prefers_the_candidate_that_carries_the_shared_clusters() -> None:
+    """Label-free: three candidates see the same images, whose latent groups two of them carry
+    (one clearly, one noisily) and the third does not. The consensus score orders them by how
+    well they carry the groups; RankMe, which rewards spread, prefers the structureless one."""
+    rng = np.random.default_rng(5)
+    groups = rng.integers(0, 6, size=400)  # never shown to the scores
+    centres = rng.normal(size=(6, 16)) * 3
+    clear = centres[groups] + rng.normal(size=(400, 16))
+    noisy = centres[groups] + 3.0 * rng.normal(size=(400, 16))
+    spread = rng.normal(size=(400, 16))
+    labels = consensus_labels([clear, noisy, spread], clusters=6)
+    assert np.mean([np.bincount(labels[groups == g]).max() for g in range(6)]) > 0.9 * 400 / 6
+    scores = consensus_logme([clear, noisy, spread], clusters=6)
+    assert scores[0] > scores[1] > scores[2]
+    assert score_candidates("consensus", [clear, noisy, spread]) == consensus_logme(
+        [clear, noisy, spread])  # default clusters, seeded: the same scores
+    order = rerank([(0,), (1,), (2,)], {(0,): clear, (1,): noisy, (2,): spread}.__getitem__,
+                   "consensus")
+    assert [r for r, _ in order] == [(0,), (1,), (2,)]
+    assert rankme(spread) > rankme(clear)  # what the consensus score corrects
+    with pytest.raises(TransferabilityError, match="more than 32 local images, got 20"):
+        consensus_logme([clear[:20], noisy[:20]])
+    with pytest.raises(TransferabilityError, match="all of the same N images"):
+        consensus_logme([clear, noisy[:100]])
+    with pytest.raises(TransferabilityError, match="use score_candidates"):
+        score_features("consensus", clear)
 
 
 def test_knn_loo_and_rerank_order() -> None:
