@@ -7,13 +7,14 @@
     python benchmarks/fleet_rerank.py --merge runs/fleet_rerank/seed*.json --out runs/fleet_rerank/all.json
 
 A federation with `rerank` set (`sdr_edge.federated.fleet_rerank`) sends the aggregated
-signature's top M to every node; each node scores them on its own labelled training split and
+signature's top M to every node; each node scores them on its own training split (labelled, or
+label-free by RankMe or the consensus score) and
 the server keeps the best image-weighted mean. This script replays that decision on the task
 splits of `label_budget.py` (same feature cache, same yardstick: every sub-net's linear probe on
 the task's test split, so routed − random is exact): the task's training split is partitioned
 over N nodes, IID or by Dirichlet(alpha) over labels (`sdr_edge.federated.partition`, the
-Simulation Engine's rule), `--partitions` times; a node with fewer than two classes cannot
-score and is left out, as in the federation (where no node can, the federation stops; here the
+Simulation Engine's rule), `--partitions` times; with a labelled score (LogME, kNN, probe) a
+node with fewer than two classes cannot score and is left out, as in the federation (where no node can, the federation stops; here the
 draw counts as the signature route, and `no_node_scored` says how often). Beside each fleet pick it reports the pick of one
 device holding the whole training split (pooled) and how often the two agree. The signature
 route (label-free) is the baseline. Prints a table and writes one JSON object (with the load
@@ -38,22 +39,25 @@ from sdr_edge.federated.partition import partition  # noqa: E402
 from sdr_edge.routing.route_ids import format_route_id  # noqa: E402
 from sdr_edge.routing.transferability import (  # noqa: E402
     LABELLED_METHODS,
+    RERANK_METHODS,
     TransferabilityError,
-    score_features,
+    score_candidates,
 )
 
 
 def fleet_scores(feats: np.ndarray, labels: np.ndarray, shares: list[np.ndarray], method: str
                  ) -> tuple[dict[int, tuple[int, list[float]]], int]:
     """Each scoring node's (images, scores of every candidate) and how many nodes could not."""
+    labelled = method in LABELLED_METHODS
     scored, skipped = {}, 0
     for node, idx in enumerate(shares):
-        if len(np.unique(labels[idx])) < 2:  # the node's rerank_task refuses it
+        if labelled and len(np.unique(labels[idx])) < 2:  # the node's rerank_task refuses it
             skipped += 1
             continue
         try:
-            scored[node] = (len(idx), [score_features(method, f[idx], labels[idx]) for f in feats])
-        except TransferabilityError:
+            scored[node] = (len(idx), score_candidates(method, [f[idx] for f in feats],
+                                                       labels[idx] if labelled else None))
+        except TransferabilityError:  # e.g. fewer images than the consensus score's clusters
             skipped += 1
     return scored, skipped
 
@@ -73,7 +77,8 @@ def evaluate(run: Path, task, seed: int, nodes: list[int], alphas: list[float | 
            "signature": label_budget.pick_points(acc, 0, selected), "pooled": {}, "fleet": {}}
     for method in methods:
         t0 = time.perf_counter()
-        pooled = int(np.argmax([score_features(method, f, y) for f in feats]))
+        pooled = int(np.argmax(score_candidates(
+            method, list(feats), y if method in LABELLED_METHODS else None)))
         row["pooled"][method] = {**label_budget.pick_points(acc, pooled, selected),
                                  "seconds": time.perf_counter() - t0}
         for n in nodes:
@@ -175,9 +180,9 @@ def alpha_list(text: str) -> list[float | None]:
 
 def method_list(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in methods if m not in LABELLED_METHODS]
+    bad = [m for m in methods if m not in RERANK_METHODS]
     if not methods or bad:
-        raise argparse.ArgumentTypeError(f"methods: choose from {', '.join(LABELLED_METHODS)}, "
+        raise argparse.ArgumentTypeError(f"methods: choose from {', '.join(RERANK_METHODS)}, "
                                          f"got {text!r}")
     return methods
 

@@ -20,10 +20,10 @@ def tiny_run(tmp_path_factory):
 def test_fleet_rerank_on_a_tiny_run(tiny_run, tmp_path, capsys) -> None:
     bench = load_benchmark("fleet_rerank")
     task = TaskSpec("digits", "builtin:digits", 300)
-    row = bench.evaluate(tiny_run, task, 0, [1, 3, 10], [None, 0.05], 2, 4, ["logme", "knn"],
-                         tmp_path / "cache", unified=None)
+    row = bench.evaluate(tiny_run, task, 0, [1, 3, 10], [None, 0.05], 2, 4,
+                         ["logme", "knn", "consensus"], tmp_path / "cache", unified=None)
     assert row["num_subnets"] == 4 and row["classes"] == 10
-    for method in ("logme", "knn"):
+    for method in ("logme", "knn", "consensus"):
         # one node holding the whole split is the pooled device, whatever the partition rule
         for alpha in ("iid", "0.05"):
             one = row["fleet"][f"{method}/1/{alpha}"]
@@ -35,6 +35,9 @@ def test_fleet_rerank_on_a_tiny_run(tiny_run, tmp_path, capsys) -> None:
         for f in [row["pooled"][method], *row["fleet"].values()]:
             assert f["selection_regret_points"] - f["regret_points"] == pytest.approx(
                 row["signature"]["selection_regret_points"] - row["signature"]["regret_points"])
+    # label-free: a node's labels do not matter, but 21 images cannot make 32 clusters
+    assert row["fleet"]["consensus/3/iid"]["nodes_skipped"] == 0  # 70 images a node
+    assert row["fleet"]["consensus/10/iid"]["no_node_scored"] == 1.0
     # strong label skew over many nodes leaves some nodes with one class: they cannot score
     assert row["fleet"]["logme/10/0.05"]["nodes_skipped"] > 0
     assert row["fleet"]["logme/3/iid"]["nodes_skipped"] == 0
