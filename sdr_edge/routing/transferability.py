@@ -7,6 +7,10 @@ helped footwear). These scores look at the candidate's *features* on the device'
 * **RankMe** (Garrido et al., "RankMe: Assessing the downstream performance of pretrained
   self-supervised representations by their rank", ICML 2023): the effective rank of the feature
   matrix, ``exp(H(p))`` with ``p_k = σ_k / ||σ||_1 + ε``. Label-free; higher is better.
+* **consensus** (label-free): each candidate's LogME against pseudo-labels that all M
+  candidates agree on, k-means clusters of their features side by side (`consensus_logme`).
+  Unlike RankMe it rewards features that carry the structure the candidates share, not spread.
+  Needs more local images than clusters (32). Higher is better.
 * **LogME** (You et al., "LogME: Practical Assessment of Pre-trained Models for Transfer
   Learning", ICML 2021): the log marginal evidence of a Bayesian linear model from features to
   one-hot labels, maximised over its prior and noise precisions by the paper's fixed-point
@@ -19,8 +23,9 @@ helped footwear). These scores look at the candidate's *features* on the device'
   transferability literature, e.g. Kornblith et al., "Do Better ImageNet Models Transfer
   Better?", CVPR 2019); it costs k probe fits per candidate.
 
-Written here rather than taken from a package: RankMe is three lines of NumPy, and LogME's
-reference code (thuml/LogME) is not published on PyPI.
+Written here rather than taken from a package: RankMe is three lines of NumPy, LogME's
+reference code (thuml/LogME) is not published on PyPI, and the consensus score is scikit-learn's
+KMeans plus LogME.
 """
 
 from __future__ import annotations
