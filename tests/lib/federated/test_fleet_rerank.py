@@ -27,7 +27,7 @@ from sdr_edge.federated.testing import LocalGrid, server_identity
 from sdr_edge.registry_client import post_route
 from sdr_edge.routing.probe import extract_features
 from sdr_edge.routing.signature import score_routes, validate_signature
-from sdr_edge.routing.transferability import logme
+from sdr_edge.routing.transferability import consensus_logme, logme
 
 LIMIT = 600  # digits per fleet: enough for LogME and one round, seconds on one thread
 
@@ -130,6 +130,25 @@ def test_nodes_that_cannot_score_are_left_out_and_none_is_an_error(assets, tmp_p
         with pytest.raises(FederationError, match="no node scored the 2 candidates.*node 2: "
                                                    ".*needs two classes"):
             rerank_on_fleet(LocalGrid(app, [one_class]), cands, spec, 10, "logme", timeout=60)
+
+
+def test_label_free_consensus_scores_every_local_image_on_the_fleet(assets, tmp_path):
+    """consensus needs no labels: a node scores all its images (train and held-out split) and
+    a node with fewer images than clusters is left out, with the reason."""
+    net, spec = load_sdrnet(assets["run_dir"])
+    routes = ((1, 2, 0, 3), (0, 0, 0, 0), (2, 1, 3, 0))
+    cands = [Candidate(route, 0.0, net.extract(route).eval()) for route in routes]
+    tiny = {"data": str(one_class_folder(tmp_path / "one")), "kit-dir": str(assets["kit_dir"])}
+    with server_identity():
+        result = rerank_on_fleet(LocalGrid(app, [nodes(assets)[0], tiny]), cands, spec,
+                                 10, "consensus", timeout=60)
+    assert sorted(result.node_scores) == [2] and "more than 32 local images, got 6" in \
+        result.errors[3]
+    local = load_node_data(NodeDataConfig("builtin:digits", 0, 2, limit=LIMIT), 16, 1)
+    expected = consensus_logme([extract_features(net.extract(r), local.all_images(), spec)
+                                for r in routes])
+    assert result.to_dict()["node_scores"]["2"]["scores"] == pytest.approx(expected, abs=1e-4)
+    assert result.index == int(np.argmax(expected))
 
 
 def test_rerank_message_survives_the_wire_format(assets):
