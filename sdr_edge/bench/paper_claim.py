@@ -57,11 +57,16 @@ def run_root(out: Path, seed: int) -> Path:
     return out / "runs" / f"seed{seed}"
 
 
-def pretrain_all(budget: Budget, out: Path, seed: int, kd_weight: float | None = None
-                 ) -> dict[str, Path]:
-    """The three pre-training runs of one seed (resumable; finished ones are reused).
-    `kd_weight` changes only the SDR runs: the unified run has no teacher, so its config stays
-    the budget's."""
+PRETRAIN_RUNS = ("unified", "sdr16", "sdr256")
+
+
+def pretrain_all(budget: Budget, out: Path, seed: int, kd_weight: float | None = None,
+                 only: tuple[str, ...] = PRETRAIN_RUNS) -> dict[str, Path]:
+    """The three pre-training runs of one seed (resumable; finished ones are reused), or the
+    `only` ones of them. `kd_weight` changes only the SDR runs: the unified run has no teacher,
+    so its config stays the budget's."""
+    if unknown := sorted(set(only) - set(PRETRAIN_RUNS)):
+        raise BenchError(f"unknown pre-training run(s) {unknown} ({', '.join(PRETRAIN_RUNS)})")
     sdr = replace(budget, kd_weight=budget.kd_weight if kd_weight is None else kd_weight)
     runs = {
         "unified": (config_from_dict(train_config_dict(budget, (4, 4, 4, 4),
@@ -74,6 +79,8 @@ def pretrain_all(budget: Budget, out: Path, seed: int, kd_weight: float | None =
     root = run_root(out, seed)
     paths = {}
     for name, (cfg, unified) in runs.items():
+        if name not in only:
+            continue
         if cfg.total_epochs != budget.total_epochs:
             raise BenchError(f"{name}: {cfg.total_epochs} total epochs != {budget.total_epochs}")
         t0 = time.perf_counter()
