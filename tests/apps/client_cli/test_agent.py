@@ -193,7 +193,7 @@ REGISTRY = '[registry]\nurl = "u"\npubkey = "k"\n'
     (AGENT + REGISTRY + "top_m = 0\n", "registry.top_m must be >= 1, got 0"),
     (AGENT + REGISTRY + "top_m = 65\n", "registry.top_m must be <= 64, got 65"),
     (AGENT + REGISTRY + 'rerank = "best"\n',
-     "registry.rerank: Input should be 'rankme', 'logme', 'knn' or 'probe'"),
+     "registry.rerank: Input should be 'rankme', 'consensus', 'logme', 'knn' or 'probe'"),
 ])
 def test_agent_config_refuses_each_mistake_in_one_line_naming_file_and_key(tmp_path, text, line):
     config = tmp_path / "agent.toml"
