@@ -317,15 +317,19 @@ def test_rerank_keeps_the_best_scored_of_the_top_m(registry, tmp_path, capsys):
     images = _digit_folder(tmp_path / "images")
     top = post_route(registry.url, registry.token, SIG, top=4)["scores"]
     assert len(top) == 4
-    for method in ("knn", "rankme", "probe"):
+    # consensus clusters the images into 32 groups: it gets a larger folder (3 x 15)
+    larger = _digit_folder(tmp_path / "larger", per_class=15)
+    for method in ("knn", "rankme", "probe", "consensus"):
         out = tmp_path / f"bundle-{method}"
+        folder = larger if method == "consensus" else images
         assert fetch_cli(registry, out, "--signature", str(sig_path), "--rerank", method,
-                         "--top-m", "4", "--images", str(images)) == 0
+                         "--top-m", "4", "--images", str(folder)) == 0
         printed = json.loads(capsys.readouterr().out)
         assert [c["route"] for c in printed["candidates"]] == [r["route"] for r in top]
         best = max(range(4), key=lambda i: (printed["candidates"][i]["score"], -i))
         assert printed["route"] == top[best]["route"] == printed["candidates"][best]["route"]
-        assert printed["signature_rank"] == best + 1 and printed["images"] == 18
+        assert printed["signature_rank"] == best + 1
+        assert printed["images"] == (45 if method == "consensus" else 18)
         assert load_bundle(out, load_public_key(registry.pubkey)).route == tuple(printed["route"])
         assert printed["bytes_downloaded"] > 4 * (out / "weights.safetensors").stat().st_size
 
@@ -342,7 +346,9 @@ def test_rerank_errors_are_one_line(registry, tmp_path, capsys):
     cases = [(["--rerank", "logme", "--images", str(flat)], "need labels"),
              (["--rerank", "rankme"], "needs --images"),
              (["--rerank", "rankme", "--images", str(flat), "--top-m", "0"], "between 1 and 64"),
-             (["--images", str(flat)], "only used with --rerank")]
+             (["--images", str(flat)], "only used with --rerank"),
+             # the consensus needs more images than its 32 clusters; the folder holds 12
+             (["--rerank", "consensus", "--images", str(flat)], "more than 32 local images, got")]
     for extra, message in cases:
         assert fetch_cli(registry, tmp_path / "b", "--signature", str(sig_path), *extra) == 2
         err = capsys.readouterr().err.strip()
