@@ -14,14 +14,16 @@ Two groups of options:
   features, minus the alpha-ReQ power-law exponent of the eigenvalue decay (Agrawal et al.,
   NeurIPS 2022: a flatter spectrum reads as better), and each candidate's LogME against its own
   k-means clusters (k = the task's class count);
-* joint scores at M = 8: the consensus score (`transferability.consensus_logme`) with k = the
-  class count, 2 × it, 16, 32 (the library's default) and 64; the mean of a candidate's LogME
+* joint scores at M = 8: the consensus score (`transferability.consensus_logme`) from one
+  clustering with k = the class count, 2 × it, 16, 32 and 64; the mean of a candidate's LogME
   against every other candidate's own clusters; the mean overlap of its 10-nearest-neighbour
-  sets with the other candidates'. Then the default consensus at M = 4 and 16, and on 300 of
-  the images.
+  sets with the other candidates'. Then one clustering at k = 32 with M = 4 and 16, on 300
+  images, on all, and on all listed in another order (k-means starts elsewhere);
+* the library's default consensus (9 clusterings: k = 16, 32, 64, 3 seeds each) on the
+  subsample, 300 images, all, and all in another order.
 
 Class counts are the task's, which a label-free device may not know; the library's default
-(32 clusters) does not use it. Prints a table, writes one JSON object with the load average.
+does not use them. Prints a table, writes one JSON object with the load average.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import label_budget  # noqa: E402  (the feature cache's figures: picks, controls
 
 from sdr_edge.routing.transferability import (  # noqa: E402
     CONSENSUS_CLUSTERS,
+    CONSENSUS_SEEDS,
     consensus_logme,
     logme,
     rankme,
@@ -89,36 +92,46 @@ def knn_agreement(feats: list[np.ndarray], k: int = 10) -> list[float]:
             for i, a in enumerate(sets)]
 
 
-def options() -> dict[str, tuple[int, int | None, Scorer]]:
-    """name -> (top M, images or None for the scoring subsample, scorer)."""
+def options() -> dict[str, tuple[int, int | None, bool, Scorer]]:
+    """name -> (top M, images (None: the --subsample, 0: all), the same images in another
+    order, scorer)."""
     def each(score: Callable[[np.ndarray], float]) -> Scorer:
         return lambda feats, _c: [score(f) for f in feats]
 
-    def consensus(k: Callable[[int], int]) -> Scorer:
-        return lambda feats, c: consensus_logme(feats, k(c))
+    def one_clustering(k: Callable[[int], int]) -> Scorer:
+        return lambda feats, c: consensus_logme(feats, k(c), seeds=1)
 
-    d = CONSENSUS_CLUSTERS
+    def default(feats: list[np.ndarray], _c: int) -> list[float]:
+        return consensus_logme(feats)
+
+    ks = "/".join(map(str, CONSENSUS_CLUSTERS))
     return {
-        "rankme": (8, None, each(rankme)),
-        "rankme-standardised": (8, None, each(lambda f: rankme(standardised(f)))),
-        "alpha-req": (8, None, each(neg_alpha_req)),
-        "own-clusters-logme": (8, None, lambda feats, c: [
+        "rankme": (8, None, False, each(rankme)),
+        "rankme-standardised": (8, None, False, each(lambda f: rankme(standardised(f)))),
+        "alpha-req": (8, None, False, each(neg_alpha_req)),
+        "own-clusters-logme": (8, None, False, lambda feats, c: [
             logme(standardised(f), lab) for f, lab in zip(feats, own_clusters(feats, c),
                                                           strict=True)]),
-        "consensus-k=classes": (8, None, consensus(lambda c: c)),
-        "consensus-k=2x-classes": (8, None, consensus(lambda c: 2 * c)),
-        "consensus-k=16": (8, None, consensus(lambda c: 16)),
-        f"consensus-k={d} (default)": (8, None, consensus(lambda c: d)),
-        "consensus-k=64": (8, None, consensus(lambda c: 64)),
-        "cross-clusters-logme": (8, None, cross_logme),
-        "knn-agreement": (8, None, lambda feats, c: knn_agreement(feats)),
-        f"consensus-k={d}, top 4": (4, None, consensus(lambda c: d)),
-        f"consensus-k={d}, top 16": (16, None, consensus(lambda c: d)),
-        f"consensus-k={d}, 300 images": (8, 300, consensus(lambda c: d)),
+        "consensus-k=classes": (8, None, False, one_clustering(lambda c: c)),
+        "consensus-k=2x-classes": (8, None, False, one_clustering(lambda c: 2 * c)),
+        "consensus-k=16": (8, None, False, one_clustering(lambda c: 16)),
+        "consensus-k=32": (8, None, False, one_clustering(lambda c: 32)),
+        "consensus-k=64": (8, None, False, one_clustering(lambda c: 64)),
+        "cross-clusters-logme": (8, None, False, cross_logme),
+        "knn-agreement": (8, None, False, lambda feats, c: knn_agreement(feats)),
+        "consensus-k=32, top 4": (4, None, False, one_clustering(lambda c: 32)),
+        "consensus-k=32, top 16": (16, None, False, one_clustering(lambda c: 32)),
+        "consensus-k=32, 300 images": (8, 300, False, one_clustering(lambda c: 32)),
+        "consensus-k=32, all images": (8, 0, False, one_clustering(lambda c: 32)),
+        "consensus-k=32, all images, another order": (8, 0, True, one_clustering(lambda c: 32)),
+        f"consensus, k={ks} x {CONSENSUS_SEEDS} seeds (default)": (8, None, False, default),
+        "consensus default, 300 images": (8, 300, False, default),
+        "consensus default, all images": (8, 0, False, default),
+        "consensus default, all images, another order": (8, 0, True, default),
     }
 
 
-def evaluate(path: Path, subsample: int) -> dict:
+def evaluate(path: Path, subsample: int, only: list[str] | None = None) -> dict:
     """One cached (seed, task): every option's pick against the controls."""
     with np.load(path, allow_pickle=False) as z:
         data = {k: z[k] for k in ("train_features", "train_labels", "test_accuracy", "routes")}
@@ -132,8 +145,12 @@ def evaluate(path: Path, subsample: int) -> dict:
     order = np.random.default_rng(0).permutation(len(y))  # every option scores the same images
     row = {"cache": str(path), "task": match["task"], "seed": seed, "classes": classes,
            "signature": label_budget.pick_points(acc, 0, selected), "options": {}}
-    for name, (top_m, images, scorer) in options().items():
-        idx = order[:images or subsample]
+    for name, (top_m, images, reorder, scorer) in options().items():
+        if only and not any(part in name for part in only):
+            continue
+        idx = order if images == 0 else order[:images or subsample]
+        if reorder:  # the same images, listed in another order: k-means starts elsewhere
+            idx = np.random.default_rng(1).permutation(idx)
         feats = [f[idx].astype(np.float64) for f in data["train_features"][:top_m]]
         t0 = time.perf_counter()
         scores = scorer(feats, classes)
@@ -173,13 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pattern", default="*.npz", help="cache files to read (glob)")
     p.add_argument("--subsample", type=int, default=1500,
                    help="train images scored per task (seeded; default 1500)")
+    p.add_argument("--only", action="append",
+                   help="run only the options whose name contains this (repeatable)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     paths = sorted(args.cache.glob(args.pattern))
     if not paths:
         p.error(f"no feature cache matches {args.cache / args.pattern}")
     t0 = time.perf_counter()
-    rows = [evaluate(path, args.subsample) for path in tqdm(paths, desc="pairs")]
+    rows = [evaluate(path, args.subsample, args.only) for path in tqdm(paths, desc="pairs")]
     summary = summarize(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"command": " ".join(sys.argv),

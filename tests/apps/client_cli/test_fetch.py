@@ -317,7 +317,7 @@ def test_rerank_keeps_the_best_scored_of_the_top_m(registry, tmp_path, capsys):
     images = _digit_folder(tmp_path / "images")
     top = post_route(registry.url, registry.token, SIG, top=4)["scores"]
     assert len(top) == 4
-    # consensus clusters the images into 32 groups: it gets a larger folder (3 x 15)
+    # consensus clusters the images into 16, 32 and 64 groups: it gets a larger folder (3 x 15)
     larger = _digit_folder(tmp_path / "larger", per_class=15)
     for method in ("knn", "rankme", "probe", "consensus"):
         out = tmp_path / f"bundle-{method}"
@@ -347,8 +347,8 @@ def test_rerank_errors_are_one_line(registry, tmp_path, capsys):
              (["--rerank", "rankme"], "needs --images"),
              (["--rerank", "rankme", "--images", str(flat), "--top-m", "0"], "between 1 and 64"),
              (["--images", str(flat)], "only used with --rerank"),
-             # the consensus needs more images than its 32 clusters; the folder holds 12
-             (["--rerank", "consensus", "--images", str(flat)], "more than 32 local images, got")]
+             # the consensus needs more images than its smallest clustering (16); 6 here
+             (["--rerank", "consensus", "--images", str(flat)], "more than 16 local images, got")]
     for extra, message in cases:
         assert fetch_cli(registry, tmp_path / "b", "--signature", str(sig_path), *extra) == 2
         err = capsys.readouterr().err.strip()

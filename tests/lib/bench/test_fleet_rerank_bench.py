@@ -35,9 +35,10 @@ def test_fleet_rerank_on_a_tiny_run(tiny_run, tmp_path, capsys) -> None:
         for f in [row["pooled"][method], *row["fleet"].values()]:
             assert f["selection_regret_points"] - f["regret_points"] == pytest.approx(
                 row["signature"]["selection_regret_points"] - row["signature"]["regret_points"])
-    # label-free: a node's labels do not matter, but 21 images cannot make 32 clusters
+    # label-free: a node's labels do not matter, only its image count (more than 16)
     assert row["fleet"]["consensus/3/iid"]["nodes_skipped"] == 0  # 70 images a node
-    assert row["fleet"]["consensus/10/iid"]["no_node_scored"] == 1.0
+    assert row["fleet"]["consensus/10/iid"]["nodes_skipped"] == 0  # 21
+    assert row["fleet"]["consensus/10/0.05"]["nodes_skipped"] > 0  # skewed: some hold fewer
     # strong label skew over many nodes leaves some nodes with one class: they cannot score
     assert row["fleet"]["logme/10/0.05"]["nodes_skipped"] > 0
     assert row["fleet"]["logme/3/iid"]["nodes_skipped"] == 0

@@ -142,7 +142,7 @@ def test_label_free_consensus_scores_every_local_image_on_the_fleet(assets, tmp_
     with server_identity():
         result = rerank_on_fleet(LocalGrid(app, [nodes(assets)[0], tiny]), cands, spec,
                                  10, "consensus", timeout=60)
-    assert sorted(result.node_scores) == [2] and "more than 32 local images, got 6" in \
+    assert sorted(result.node_scores) == [2] and "more than 16 local images, got 6" in \
         result.errors[3]
     local = load_node_data(NodeDataConfig("builtin:digits", 0, 2, limit=LIMIT), 16, 1)
     expected = consensus_logme([extract_features(net.extract(r), local.all_images(), spec)

@@ -66,16 +66,28 @@ def test_consensus_prefers_the_candidate_that_carries_the_shared_clusters() -> N
     spread = rng.normal(size=(400, 16))
     labels = consensus_labels([clear, noisy, spread], clusters=6)
     assert np.mean([np.bincount(labels[groups == g]).max() for g in range(6)]) > 0.9 * 400 / 6
-    scores = consensus_logme([clear, noisy, spread], clusters=6)
+    scores = consensus_logme([clear, noisy, spread], clusters=6, seeds=1)
     assert scores[0] > scores[1] > scores[2]
-    assert score_candidates("consensus", [clear, noisy, spread]) == consensus_logme(
-        [clear, noisy, spread])  # default clusters, seeded: the same scores
+    # the default: the mean over 9 clusterings (16, 32, 64 clusters x 3 seeds)
+    per = [consensus_logme([clear, noisy, spread], k, seeds=1) for k in (16, 32, 64)]
+    def standardised(f):
+        return (f - f.mean(axis=0)) / (f.std(axis=0) + 1e-6)
+
+    seeded = [[logme(standardised(f), consensus_labels([clear, noisy, spread], k, seed))
+               for f in (clear, noisy, spread)] for k in (16, 32, 64) for seed in range(3)]
+    assert per[0] == pytest.approx(seeded[0], rel=1e-6)  # LogME of standardised features
+    default = score_candidates("consensus", [clear, noisy, spread])
+    assert default == pytest.approx(np.mean(seeded, axis=0), rel=1e-6)
+    assert default[0] > default[1] > default[2]
     order = rerank([(0,), (1,), (2,)], {(0,): clear, (1,): noisy, (2,): spread}.__getitem__,
                    "consensus")
     assert [r for r, _ in order] == [(0,), (1,), (2,)]
     assert rankme(spread) > rankme(clear)  # what the consensus score corrects
-    with pytest.raises(TransferabilityError, match="more than 32 local images, got 20"):
-        consensus_logme([clear[:20], noisy[:20]])
+    # cluster counts above the image count are dropped; none left is refused
+    assert consensus_logme([clear[:40], noisy[:40]]) == pytest.approx(
+        consensus_logme([clear[:40], noisy[:40]], (16, 32)))
+    with pytest.raises(TransferabilityError, match="more than 16 local images, got 12"):
+        consensus_logme([clear[:12], noisy[:12]])
     with pytest.raises(TransferabilityError, match="all of the same N images"):
         consensus_logme([clear, noisy[:100]])
     with pytest.raises(TransferabilityError, match="use score_candidates"):
