@@ -8,14 +8,14 @@
 
 A federation with `rerank` set (`sdr_edge.federated.fleet_rerank`) sends the aggregated
 signature's top M to every node; each node scores them on its own training split (labelled, or
-label-free by RankMe or the consensus score) and
-the server keeps the best image-weighted mean. This script replays that decision on the task
+label-free by RankMe or the consensus score) and the server keeps the best image-weighted mean. This script replays that decision on the task
 splits of `label_budget.py` (same feature cache, same yardstick: every sub-net's linear probe on
 the task's test split, so routed − random is exact): the task's training split is partitioned
 over N nodes, IID or by Dirichlet(alpha) over labels (`sdr_edge.federated.partition`, the
 Simulation Engine's rule), `--partitions` times; with a labelled score (LogME, kNN, probe) a
-node with fewer than two classes cannot score and is left out, as in the federation (where no node can, the federation stops; here the
-draw counts as the signature route, and `no_node_scored` says how often). Beside each fleet pick it reports the pick of one
+node with fewer than two classes cannot score and is left out, as in the federation (where no
+node can, the federation stops; here the draw counts as the signature route, and
+`no_node_scored` says how often). Beside each fleet pick it reports the pick of one
 device holding the whole training split (pooled) and how often the two agree. The signature
 route (label-free) is the baseline. Prints a table and writes one JSON object (with the load
 average); the fleet's cost is M sub-nets per node, once, before round 1.
@@ -95,7 +95,8 @@ def evaluate(run: Path, task, seed: int, nodes: list[int], alphas: list[float | 
                     unscored += not scored  # the federation stops; here: the signature route
                     picks.append(weighted_choice(scored)[1] if scored else 0)
                 row["fleet"][f"{method}/{n}/{alpha_name(alpha)}"] = {
-                    **label_budget.mean_points([label_budget.pick_points(acc, k, selected) for k in picks]),
+                    **label_budget.mean_points(
+                        [label_budget.pick_points(acc, k, selected) for k in picks]),
                     "agrees_with_pooled": float(np.mean([k == pooled for k in picks])),
                     "nodes_skipped": float(np.mean(skipped)),
                     "no_node_scored": unscored / partitions}

@@ -9,12 +9,13 @@ The signature (kit only, label-free) ranks every sub-net of a small SDRnet; a de
 labelled images per class may download the top M and keep the one a transferability score
 rates best on those n (`sdr_edge.routing.transferability`: LogME, leave-one-out kNN, or the
 cross-validated linear probe); a device without labels may re-rank the top M on its whole
-train split by RankMe or the consensus score (rows with 0 labels per class). Every sub-net is probed on the task's test split (all of them:
-the script needs K <= 64), so routed − random is exact (the mean over the other sub-nets) and
-every (score, n, M) is judged by the same yardstick as the claim table (with `--unified`, one per
---run, also against the unified model on the same split). Each n is drawn
-`--draws` times (nested: the n = 10 images contain the n = 5 ones); a pair's figure is the mean
-over its draws, and the intervals are over (run, task) pairs. Features of every sub-net are
+train split by RankMe or the consensus score (rows with 0 labels per class). Every sub-net is
+probed on the task's test split (all of them: the script needs K <= 64), so routed − random
+is exact (the mean over the other sub-nets) and every (score, n, M) is judged by the same
+yardstick as the claim table (with `--unified`, one per --run, also against the unified model
+on the same split). Each n is drawn `--draws` times (nested: the n = 10 images contain the
+n = 5 ones); a pair's figure is the mean over its draws, and the intervals are over (run, task)
+pairs. Features of every sub-net are
 cached (`--cache`, npz, our own files) so a rerun only re-scores. Prints a table and writes one
 JSON object (with the load average and the device cost: bytes downloaded and seconds of
 extraction + scoring) and a plot of routed − random against the label budget beside it (.png).

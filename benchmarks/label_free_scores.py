@@ -50,14 +50,10 @@ from sdr_edge.routing.transferability import (  # noqa: E402
     consensus_logme,
     logme,
     rankme,
+    standardised,
 )
 
 Scorer = Callable[[list[np.ndarray], int], list[float]]  # (top-M features, classes) -> scores
-
-
-def standardised(f: np.ndarray) -> np.ndarray:
-    f = f - f.mean(axis=0)
-    return f / (f.std(axis=0) + 1e-6)
 
 
 def neg_alpha_req(f: np.ndarray) -> float:

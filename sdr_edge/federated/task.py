@@ -96,8 +96,7 @@ def rerank_task(content: RecordDict, node_config: Mapping[str, object],
 
     Labelled methods (LogME, kNN, the CV probe) score on the training split, the images the
     node fine-tunes on, and need two classes; RankMe and the consensus score use every local
-    image. Only the scores
-    and the image count go back (`sdr_edge.federated.fleet_rerank`).
+    image. Only the scores and the image count go back (`sdr_edge.federated.fleet_rerank`).
     """
     from sdr_edge.federated.fleet_rerank import candidate_key, score_key
     from sdr_edge.routing.probe import extract_features

@@ -3,8 +3,8 @@
 The registry's signature route is label-free and costs one download. A device that can afford
 M downloads may instead fetch the top M (every bundle verified in memory, nothing written yet),
 run each on its own images and keep the one that RankMe or the consensus score (no labels) or
-LogME / kNN / the CV probe (a few labels: a folder with one sub-folder per class) scores best; `sdr_edge.routing.rerank_eval` measures
-what that buys. Needs torch: the candidates run as PyTorch sub-nets, which a device install
+LogME / kNN / the CV probe (a few labels: a folder with one sub-folder per class) scores best;
+`sdr_edge.routing.rerank_eval` measures what that buys. Needs torch: the candidates run as PyTorch sub-nets, which a device install
 (`pip install sdr-edge`, ONNX Runtime only) lacks; importing this module there raises an
 ImportError that names the extra to install (`RERANK_EXTRA`), before anything is downloaded.
 """

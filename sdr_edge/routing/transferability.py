@@ -153,16 +153,16 @@ CONSENSUS_CLUSTERS = (16, 32, 64)
 CONSENSUS_SEEDS = 3
 
 
-def _standardised(features: np.ndarray) -> np.ndarray:
+def standardised(features: np.ndarray) -> np.ndarray:
+    """Features centred and scaled to unit variance per dimension (float64)."""
     f = np.asarray(features, dtype=np.float64)
     f = f - f.mean(axis=0)
     return f / (f.std(axis=0) + 1e-6)
 
 
-def _side_by_side(features: Sequence[np.ndarray]) -> np.ndarray:
-    """The candidates' features as one matrix: each standardised per dimension, each image's
-    block scaled to unit length, so every candidate weighs the same."""
-    blocks = [_standardised(f) for f in features]
+def _side_by_side(blocks: Sequence[np.ndarray]) -> np.ndarray:
+    """Standardised candidates' features as one matrix, each image's block scaled to unit
+    length, so every candidate weighs the same."""
     if not blocks or any(b.ndim != 2 or b.shape[0] != blocks[0].shape[0] for b in blocks):
         raise TransferabilityError("consensus needs one N x D feature matrix per candidate, "
                                    "all of the same N images")
@@ -170,18 +170,21 @@ def _side_by_side(features: Sequence[np.ndarray]) -> np.ndarray:
                            for b in blocks], axis=1)
 
 
+def _kmeans_labels(x: np.ndarray, clusters: int, seed: int) -> np.ndarray:
+    from sklearn.cluster import KMeans
+
+    if clusters < 2 or x.shape[0] <= clusters:
+        raise TransferabilityError(f"consensus re-ranking with {clusters} clusters needs more "
+                                   f"than {clusters} local images, got {x.shape[0]}")
+    return KMeans(clusters, n_init=3, random_state=seed).fit_predict(x)
+
+
 def consensus_labels(features: Sequence[np.ndarray], clusters: int = 32,
                      seed: int = 0) -> np.ndarray:
     """Pseudo-labels of the local images that every candidate's features agree on: k-means over
     the candidates' features side by side. Clustering the concatenated views is the
     cluster-ensemble idea of Strehl & Ghosh, "Cluster Ensembles", JMLR 2002."""
-    from sklearn.cluster import KMeans
-
-    x = _side_by_side(features)
-    if clusters < 2 or x.shape[0] <= clusters:
-        raise TransferabilityError(f"consensus re-ranking with {clusters} clusters needs more "
-                                   f"than {clusters} local images, got {x.shape[0]}")
-    return KMeans(clusters, n_init=3, random_state=seed).fit_predict(x)
+    return _kmeans_labels(_side_by_side([standardised(f) for f in features]), clusters, seed)
 
 
 def consensus_logme(features: Sequence[np.ndarray],
@@ -195,15 +198,15 @@ def consensus_logme(features: Sequence[np.ndarray],
     out (what RankMe rewards). Measured in benchmarks/label_budget.py and
     benchmarks/label_free_scores.py (README, *Label-free re-ranking*)."""
     counts = [clusters] if isinstance(clusters, int) else list(clusters)
-    n = _side_by_side(features).shape[0]
-    usable = [k for k in counts if 2 <= k < n]
+    blocks = [standardised(f) for f in features]
+    x = _side_by_side(blocks)  # clustered 9 times: built once
+    usable = [k for k in counts if 2 <= k < x.shape[0]]
     if not usable:
         raise TransferabilityError(f"consensus re-ranking needs more than {min(counts)} local "
-                                   f"images, got {n}")
-    standardised = [_standardised(f) for f in features]
-    per_clustering = [[logme(f, labels) for f in standardised]
+                                   f"images, got {x.shape[0]}")
+    per_clustering = [[logme(b, labels) for b in blocks]
                       for k in usable for seed in range(seeds)
-                      for labels in [consensus_labels(features, k, seed)]]
+                      for labels in [_kmeans_labels(x, k, seed)]]
     return [float(v) for v in np.mean(per_clustering, axis=0)]
 
 
