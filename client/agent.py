@@ -20,7 +20,7 @@ import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import (
     AliasPath,
@@ -36,6 +36,7 @@ from pydantic import (
 from sdr_edge.artifacts.atomic import atomic_write_text
 from sdr_edge.errors import SdrEdgeError
 from sdr_edge.fleet.deployment import free_port, kv_config
+from sdr_edge.routing.transferability import RerankMethod
 
 log = logging.getLogger("sdr_edge.agent")
 
@@ -85,7 +86,7 @@ class AgentConfig(BaseModel):
     token_file: Path | None = Field(None, validation_alias=_key("registry", "token_file"))
     cacert: Path | None = Field(None, validation_alias=_key("registry", "cacert"))
     # `sdr-client fetch --rerank`: download the top M and keep the best on the local images
-    rerank: Literal["rankme", "consensus", "logme", "knn", "probe"] | None = Field(
+    rerank: RerankMethod | None = Field(
         None, validation_alias=_key("registry", "rerank"))
     top_m: int = Field(8, ge=1, le=64, validation_alias=_key("registry", "top_m"))
     superlink: str = Field("", validation_alias=_key("federation", "superlink"))

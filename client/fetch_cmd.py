@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sdr_edge.cli import CommandError, load_key_arg
 from sdr_edge.registry_client import TOKEN_ENV
+from sdr_edge.routing.transferability import RERANK_METHODS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "rankme and consensus (LogME against the candidates' shared clusters) need no labels; "
         "logme, knn and probe (cross-validated linear probe) need one sub-folder per class in "
         "--images")
-    rerank.add_argument("--rerank", choices=("rankme", "consensus", "logme", "knn", "probe"),
+    rerank.add_argument("--rerank", choices=RERANK_METHODS,
                         help="score the top-M candidates on --images and keep the best")
     rerank.add_argument("--top-m", type=int, default=8, help="candidates to download (default 8)")
     rerank.add_argument("--images", type=Path, help="local images (class sub-folders for labels)")

@@ -32,6 +32,7 @@ KMeans plus LogME.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -210,7 +211,9 @@ def consensus_logme(features: Sequence[np.ndarray],
     return [float(v) for v in np.mean(per_clustering, axis=0)]
 
 
-RERANK_METHODS = ("rankme", "consensus", "logme", "knn", "probe")
+# One list for the library, `sdr-client fetch --rerank` and the agent's `[registry] rerank`.
+RerankMethod = Literal["rankme", "consensus", "logme", "knn", "probe"]
+RERANK_METHODS: tuple[str, ...] = get_args(RerankMethod)
 LABELLED_METHODS = ("logme", "knn", "probe")
 LABEL_FREE_METHODS = ("rankme", "consensus")
 JOINT_METHODS = ("consensus",)  # a candidate's score depends on the other candidates too
