@@ -36,6 +36,7 @@ import label_budget  # noqa: E402  (the feature cache and the figures of the lab
 from sdr_edge.bench.paper_claim import unified_probe  # noqa: E402
 from sdr_edge.federated.fleet_rerank import weighted_choice  # noqa: E402
 from sdr_edge.federated.partition import partition  # noqa: E402
+from sdr_edge.routing.fleet_consensus import fleet_consensus_logme  # noqa: E402
 from sdr_edge.routing.route_ids import format_route_id  # noqa: E402
 from sdr_edge.routing.transferability import (  # noqa: E402
     LABELLED_METHODS,
@@ -44,10 +45,21 @@ from sdr_edge.routing.transferability import (  # noqa: E402
     score_candidates,
 )
 
+# The consensus from the nodes' pooled statistics (`sdr_edge.routing.fleet_consensus`), beside
+# "consensus", where each node clusters its own images and the server averages the scores.
+FLEET_CONSENSUS = "consensus-fleet"
+BENCH_METHODS = (*RERANK_METHODS, FLEET_CONSENSUS)
+
 
 def fleet_scores(feats: np.ndarray, labels: np.ndarray, shares: list[np.ndarray], method: str
                  ) -> tuple[dict[int, tuple[int, list[float]]], int]:
     """Each scoring node's (images, scores of every candidate) and how many nodes could not."""
+    if method == FLEET_CONSENSUS:  # one score from the nodes' pooled statistics; all take part
+        try:
+            return {0: (len(labels), fleet_consensus_logme([[f[idx] for f in feats]
+                                                            for idx in shares]))}, 0
+        except TransferabilityError:
+            return {}, len(shares)
     labelled = method in LABELLED_METHODS
     scored, skipped = {}, 0
     for node, idx in enumerate(shares):
@@ -77,8 +89,9 @@ def evaluate(run: Path, task, seed: int, nodes: list[int], alphas: list[float | 
            "signature": label_budget.pick_points(acc, 0, selected), "pooled": {}, "fleet": {}}
     for method in methods:
         t0 = time.perf_counter()
-        pooled = int(np.argmax(score_candidates(
-            method, list(feats), y if method in LABELLED_METHODS else None)))
+        pooled = int(np.argmax(score_candidates(  # one device: consensus-fleet is consensus
+            "consensus" if method == FLEET_CONSENSUS else method, list(feats),
+            y if method in LABELLED_METHODS else None)))
         row["pooled"][method] = {**label_budget.pick_points(acc, pooled, selected),
                                  "seconds": time.perf_counter() - t0}
         for n in nodes:
@@ -181,9 +194,9 @@ def alpha_list(text: str) -> list[float | None]:
 
 def method_list(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in methods if m not in RERANK_METHODS]
+    bad = [m for m in methods if m not in BENCH_METHODS]
     if not methods or bad:
-        raise argparse.ArgumentTypeError(f"methods: choose from {', '.join(RERANK_METHODS)}, "
+        raise argparse.ArgumentTypeError(f"methods: choose from {', '.join(BENCH_METHODS)}, "
                                          f"got {text!r}")
     return methods
 

@@ -58,7 +58,7 @@ def rankme(features: np.ndarray) -> float:
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
-def _logme_evidence(s2: np.ndarray, uty: np.ndarray, y_norm2: np.ndarray, n: int, d: int,
+def logme_evidence(s2: np.ndarray, uty: np.ndarray, y_norm2: np.ndarray, n: int, d: int,
                     iters: int, tol: float) -> np.ndarray:
     """Evidence per target column (C columns at once): the paper's fixed-point updates of alpha
     (prior precision) and beta (noise precision), each column until its own convergence."""
@@ -102,7 +102,7 @@ def logme(features: np.ndarray, labels: np.ndarray, iters: int = 100, tol: float
     n, d = f.shape
     u, s, _ = np.linalg.svd(f, full_matrices=False)
     targets = (y[:, None] == np.unique(y)[None, :]).astype(np.float64)  # N x C one-hot
-    evidence = _logme_evidence(s ** 2, u.T @ targets, (targets ** 2).sum(axis=0), n, d,
+    evidence = logme_evidence(s ** 2, u.T @ targets, (targets ** 2).sum(axis=0), n, d,
                                iters, tol)
     return float(evidence.mean())
 
@@ -161,7 +161,7 @@ def standardised(features: np.ndarray) -> np.ndarray:
     return f / (f.std(axis=0) + 1e-6)
 
 
-def _side_by_side(blocks: Sequence[np.ndarray]) -> np.ndarray:
+def side_by_side(blocks: Sequence[np.ndarray]) -> np.ndarray:
     """Standardised candidates' features as one matrix, each image's block scaled to unit
     length, so every candidate weighs the same."""
     if not blocks or any(b.ndim != 2 or b.shape[0] != blocks[0].shape[0] for b in blocks):
@@ -185,7 +185,7 @@ def consensus_labels(features: Sequence[np.ndarray], clusters: int = 32,
     """Pseudo-labels of the local images that every candidate's features agree on: k-means over
     the candidates' features side by side. Clustering the concatenated views is the
     cluster-ensemble idea of Strehl & Ghosh, "Cluster Ensembles", JMLR 2002."""
-    return _kmeans_labels(_side_by_side([standardised(f) for f in features]), clusters, seed)
+    return _kmeans_labels(side_by_side([standardised(f) for f in features]), clusters, seed)
 
 
 def consensus_logme(features: Sequence[np.ndarray],
@@ -200,7 +200,7 @@ def consensus_logme(features: Sequence[np.ndarray],
     benchmarks/label_free_scores.py (README, *Label-free re-ranking*)."""
     counts = [clusters] if isinstance(clusters, int) else list(clusters)
     blocks = [standardised(f) for f in features]
-    x = _side_by_side(blocks)  # clustered 9 times: built once
+    x = side_by_side(blocks)  # clustered 9 times: built once
     usable = [k for k in counts if 2 <= k < x.shape[0]]
     if not usable:
         raise TransferabilityError(f"consensus re-ranking needs more than {min(counts)} local "
