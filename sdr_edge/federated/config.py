@@ -86,6 +86,9 @@ class FederationConfig(BaseModel):
     # Re-rank the signature's top M on the nodes' labelled data (fleet_rerank); "": signature route
     rerank: str = _field("", "rerank")
     rerank_top_m: int = _field(8, "rerank-top-m", ge=2, le=64)
+    # rerank = "consensus": "fleet" clusters the fleet's images jointly from node statistics
+    # (consensus_exchange, three exchanges); "node": each node clusters its own, one exchange
+    rerank_consensus: Literal["fleet", "node"] = _field("fleet", "rerank-consensus")
     seed: int = _field(0, "seed")
     evaluate_start: bool = _field(True, "evaluate-start")
     # Budget: prune the routed sub-net to this share of its MACs before FedAvg (1.0: keep it)

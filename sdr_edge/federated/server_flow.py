@@ -26,6 +26,7 @@ from sdr_edge.artifacts.bundle import load_bundle, write_bundle
 from sdr_edge.artifacts.signing import load_private_key, load_public_key
 from sdr_edge.data.preprocess import InputSpec
 from sdr_edge.federated.config import FederationConfig, FederationConfigError
+from sdr_edge.federated.consensus_exchange import consensus_on_fleet
 from sdr_edge.federated.fleet_rerank import Candidate, FleetRerank, rerank_on_fleet
 from sdr_edge.federated.records import (
     arrays_into_model,
@@ -223,8 +224,12 @@ def rerank_start_model(grid: Grid, cfg: FederationConfig, signature: Signature,
     if not loaded:
         raise FederationError("re-rank: the signature gave no candidate sub-net")
     candidates = [Candidate(m.route, route_score(signature, m.route), m.backbone) for m in loaded]
-    result = rerank_on_fleet(grid, candidates, loaded[0].spec, num_classes, cfg.rerank,
-                             cfg.round_timeout)
+    if cfg.rerank == "consensus" and cfg.rerank_consensus == "fleet":
+        result = consensus_on_fleet(grid, candidates, loaded[0].spec, num_classes,
+                                    cfg.round_timeout)
+    else:
+        result = rerank_on_fleet(grid, candidates, loaded[0].spec, num_classes, cfg.rerank,
+                                 cfg.round_timeout)
     return loaded[result.index], result
 
 

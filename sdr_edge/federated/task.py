@@ -97,7 +97,11 @@ def rerank_task(content: RecordDict, node_config: Mapping[str, object],
     Labelled methods (LogME, kNN, the CV probe) score on the training split, the images the
     node fine-tunes on, and need two classes; RankMe and the consensus score use every local
     image. Only the scores and the image count go back (`sdr_edge.federated.fleet_rerank`).
+    With a `step` in the config, one of the fleet consensus's three exchanges instead: the
+    moments step extracts and keeps the features, the later ones reuse them
+    (`sdr_edge.federated.consensus_exchange`).
     """
+    from sdr_edge.federated.consensus_exchange import MOMENTS, NODE_STEPS, STEP, node_moments
     from sdr_edge.federated.fleet_rerank import candidate_key, score_key
     from sdr_edge.routing.probe import extract_features
     from sdr_edge.routing.transferability import (
@@ -111,6 +115,11 @@ def rerank_task(content: RecordDict, node_config: Mapping[str, object],
     method = str(config.get("method", ""))
     if method not in RERANK_METHODS:
         raise ValueError(f"unknown re-rank method {method!r} ({', '.join(RERANK_METHODS)})")
+    step = str(config.get(STEP, ""))  # the fleet consensus's exchanges (consensus_exchange)
+    if step in NODE_STEPS:
+        return NODE_STEPS[step](content, state)
+    if step and step != MOMENTS:
+        raise ValueError(f"unknown re-rank step {step!r}")
     count = int(config.get("candidates", 0))  # type: ignore[arg-type]
     labelled = method in LABELLED_METHODS
     features = []
@@ -128,6 +137,9 @@ def rerank_task(content: RecordDict, node_config: Mapping[str, object],
         images = data.train.images if labelled else data.all_images()
         features.append(extract_features(model.backbone, images, spec))
         n = len(images)
+    if step == MOMENTS:
+        log.info("fleet consensus: moments of %d candidate(s) on %d local image(s)", count, n)
+        return node_moments(features, state)
     try:
         values = score_candidates(method, features, data.train.labels if labelled else None) \
             if features else []

@@ -14,6 +14,7 @@ from sdr_edge.artifacts.run_dir import load_sdrnet
 from sdr_edge.artifacts.signing import load_public_key
 from sdr_edge.federated.client_app import app
 from sdr_edge.federated.config import FederationConfig, FederationConfigError
+from sdr_edge.federated.consensus_exchange import consensus_on_fleet
 from sdr_edge.federated.fleet_rerank import (
     Candidate,
     candidates_content,
@@ -25,6 +26,7 @@ from sdr_edge.federated.server_flow import run_federation
 from sdr_edge.federated.strategy import FederationError
 from sdr_edge.federated.testing import LocalGrid, server_identity
 from sdr_edge.registry_client import post_route
+from sdr_edge.routing.fleet_consensus import fleet_consensus_logme
 from sdr_edge.routing.probe import extract_features
 from sdr_edge.routing.signature import score_routes, validate_signature
 from sdr_edge.routing.transferability import consensus_logme, logme
@@ -171,3 +173,45 @@ def test_rerank_config_errors_name_the_key():
     with pytest.raises(FederationConfigError, match="'rerank-top-m'"):
         FederationConfig.from_run_config({**base, "rerank": "logme", "rerank-top-m": 1})
     assert FederationConfig.from_run_config({**base, "rerank": " LogME "}).rerank == "logme"
+
+
+def test_fleet_consensus_over_messages_is_the_in_process_protocol(assets, tmp_path):
+    """rerank-consensus = "fleet": three exchanges (moments, k-FED centroids, LogME statistics)
+    give the scores `fleet_consensus_logme` computes from the nodes' features, and a node
+    too small to send centroids still counts its images."""
+    net, spec = load_sdrnet(assets["run_dir"])
+    routes = ((1, 2, 0, 3), (0, 0, 0, 0), (2, 1, 3, 0))
+    cands = [Candidate(route, 0.0, net.extract(route).eval()) for route in routes]
+    tiny = {"data": str(one_class_folder(tmp_path / "one")), "kit-dir": str(assets["kit_dir"])}
+    fleet = [*nodes(assets), tiny]
+    with server_identity():
+        result = consensus_on_fleet(LocalGrid(app, fleet), cands, spec, 10, timeout=60)
+    images = [load_node_data(NodeDataConfig("builtin:digits", i, 2, limit=LIMIT), 16,
+                             1).all_images() for i in range(2)]
+    images.append(load_node_data(NodeDataConfig(tiny["data"]), 16, 1).all_images())
+    shares = [[extract_features(net.extract(r), x, spec) for r in routes] for x in images]
+    expected = fleet_consensus_logme(shares)
+    assert result.scores == pytest.approx(expected, abs=1e-6)
+    assert result.index == int(np.argmax(expected)) and result.errors == {}
+    assert result.to_dict()["images_scored"] == sum(len(x) for x in images)
+    # the federation takes this path for rerank = "consensus" unless told "node"
+    assert FederationConfig.from_run_config({"run-dir": "r", "signing-key": "k",
+                                             "rerank": "consensus"}).rerank_consensus == "fleet"
+    with pytest.raises(FederationConfigError, match="rerank-consensus"):
+        FederationConfig.from_run_config({"run-dir": "r", "signing-key": "k",
+                                          "rerank": "consensus", "rerank-consensus": "both"})
+
+
+def test_a_consensus_step_before_the_moments_is_refused(assets):
+    from sdr_edge.federated.consensus_exchange import CENTROIDS, _step_content
+
+    content = _step_content(CENTROIDS, {"clusters": [16], "seeds": [0]},
+                            {"mean": np.zeros((1, 4)), "std": np.ones((1, 4))})
+    with server_identity():
+        grid = LocalGrid(app, nodes(assets, 1))
+        node = next(iter(grid.get_node_ids()))
+        from flwr.app import Message, MessageType
+        reply = next(iter(grid.send_and_receive(
+            [Message(content, dst_node_id=node, message_type=f"{MessageType.QUERY}.rerank")],
+            timeout=30)))
+    assert reply.has_error() and "before the moments step" in reply.error.reason
