@@ -21,7 +21,8 @@ def test_fleet_rerank_on_a_tiny_run(tiny_run, tmp_path, capsys) -> None:
     bench = load_benchmark("fleet_rerank")
     task = TaskSpec("digits", "builtin:digits", 300)
     row = bench.evaluate(tiny_run, task, 0, [1, 3, 10], [None, 0.05], 2, 4,
-                         ["logme", "knn", "consensus"], tmp_path / "cache", unified=None)
+                         ["logme", "knn", "consensus", "consensus-fleet"], tmp_path / "cache",
+                         unified=None)
     assert row["num_subnets"] == 4 and row["classes"] == 10
     for method in ("logme", "knn", "consensus"):
         # one node holding the whole split is the pooled device, whatever the partition rule
@@ -39,6 +40,12 @@ def test_fleet_rerank_on_a_tiny_run(tiny_run, tmp_path, capsys) -> None:
     assert row["fleet"]["consensus/3/iid"]["nodes_skipped"] == 0  # 70 images a node
     assert row["fleet"]["consensus/10/iid"]["nodes_skipped"] == 0  # 21
     assert row["fleet"]["consensus/10/0.05"]["nodes_skipped"] > 0  # skewed: some hold fewer
+    # the fleet's joint consensus counts every node, however few images it holds; on one
+    # device it is the consensus
+    assert row["fleet"]["consensus-fleet/10/0.05"]["nodes_skipped"] == 0
+    assert row["pooled"]["consensus-fleet"]["minus_random_points"] == pytest.approx(
+        row["pooled"]["consensus"]["minus_random_points"])
+    assert 0.0 <= row["fleet"]["consensus-fleet/10/iid"]["agrees_with_pooled"] <= 1.0
     # strong label skew over many nodes leaves some nodes with one class: they cannot score
     assert row["fleet"]["logme/10/0.05"]["nodes_skipped"] > 0
     assert row["fleet"]["logme/3/iid"]["nodes_skipped"] == 0
