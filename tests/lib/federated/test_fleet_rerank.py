@@ -164,6 +164,22 @@ def test_rerank_message_survives_the_wire_format(assets):
         np.testing.assert_array_equal(back["candidate-0-arrays"][key].numpy(), arr.numpy())
 
 
+def test_consensus_steps_survive_the_wire_format():
+    """The consensus exchanges' arrays (float64 statistics, int64 sizes) and the plan's int
+    lists round-trip through the SuperLink's protobuf form."""
+    from sdr_edge.federated.consensus_exchange import CENTROIDS, _step_content
+
+    rng = np.random.default_rng(0)
+    arrays = {"mean": rng.normal(size=(3, 8)), "sizes-0": np.arange(5, dtype=np.int64)}
+    content = _step_content(CENTROIDS, {"clusters": [16, 32], "seeds": [0, 1]}, arrays)
+    back = recorddict_from_proto(recorddict_to_proto(content))
+    assert list(back["config"]["clusters"]) == [16, 32] and back["config"]["step"] == CENTROIDS
+    for key, value in arrays.items():
+        got = back["statistics"][key].numpy()
+        assert got.dtype == value.dtype
+        np.testing.assert_array_equal(got, value)
+
+
 def test_rerank_config_errors_name_the_key():
     base = {"run-dir": "r", "signing-key": "k"}
     with pytest.raises(FederationConfigError, match="rerank must be one of .*'fancy'"):
