@@ -18,7 +18,10 @@ node can, the federation stops; here the draw counts as the signature route, and
 `no_node_scored` says how often). Beside each fleet pick it reports the pick of one
 device holding the whole training split (pooled) and how often the two agree. The signature
 route (label-free) is the baseline. Prints a table and writes one JSON object (with the load
-average); the fleet's cost is M sub-nets per node, once, before round 1.
+average); the fleet's cost is M sub-nets per node, once, before round 1. `--methods
+consensus-fleet` replays the federation's default for `rerank = "consensus"`: one score from
+every node's statistics (`sdr_edge.routing.fleet_consensus`, k-FED clusters of the whole fleet),
+where `consensus` is each node clustering its own images (`rerank-consensus = "node"`).
 """
 
 from __future__ import annotations
@@ -87,11 +90,14 @@ def evaluate(run: Path, task, seed: int, nodes: list[int], alphas: list[float | 
            "bundle_bytes": int(data["bundle_bytes"]), "unified_probe": unified_acc,
            "selected_route": format_route_id(data["routes"][selected]),
            "signature": label_budget.pick_points(acc, 0, selected), "pooled": {}, "fleet": {}}
+    pooled_picks: dict[str, int] = {}
     for method in methods:
         t0 = time.perf_counter()
-        pooled = int(np.argmax(score_candidates(  # one device: consensus-fleet is consensus
-            "consensus" if method == FLEET_CONSENSUS else method, list(feats),
-            y if method in LABELLED_METHODS else None)))
+        one_device = "consensus" if method == FLEET_CONSENSUS else method  # the same on one
+        if one_device not in pooled_picks:
+            pooled_picks[one_device] = int(np.argmax(score_candidates(
+                one_device, list(feats), y if method in LABELLED_METHODS else None)))
+        pooled = pooled_picks[one_device]
         row["pooled"][method] = {**label_budget.pick_points(acc, pooled, selected),
                                  "seconds": time.perf_counter() - t0}
         for n in nodes:
