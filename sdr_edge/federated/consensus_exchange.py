@@ -96,8 +96,7 @@ def node_moments(features: Sequence[np.ndarray], state: RecordDict | None) -> Re
     """Step 1 on a node: keep the features for the later steps, reply with their moments."""
     if state is None:
         raise ValueError("the fleet consensus needs the node's run state between its steps")
-    state[FEATURES_STATE] = _arrays({str(i): f.astype(np.float64)
-                                     for i, f in enumerate(features)})
+    state[FEATURES_STATE] = _arrays({str(i): f for i, f in enumerate(features)})
     m = column_moments(features)
     return RecordDict({STATS: _arrays({"sums": m.sums, "sumsq": m.sumsq}),
                        METRICS: _metrics(m.count)})
@@ -140,12 +139,16 @@ def node_centroids(content: RecordDict, state: RecordDict | None) -> RecordDict:
 
 
 def node_statistics(content: RecordDict, state: RecordDict | None) -> RecordDict:
-    """Step 3 on a node: LogME statistics against the nearest fleet centroids."""
+    """Step 3 on a node: LogME statistics against the nearest fleet centroids. The last step:
+    the kept features leave the run state here, so the fine-tuning rounds after it do not carry
+    them (N x M x D values; a ResNet-50's 2,048 dimensions make that gigabytes)."""
     blocks, x = _standardised_features(content, state)
     clusters = [int(k) for k in content.config_records[CONFIG].get("clusters", [])]
     stats = _stats(content)
     labels = [nearest(x, _numpy(stats, f"centroids-{j}")) for j in range(len(clusters))]
     m = logme_moments(blocks, labels, clusters)
+    if state is not None:
+        del state[FEATURES_STATE]
     out = {"gram": m.gram}
     for j in range(len(clusters)):
         out[f"fty-{j}"], out[f"counts-{j}"] = m.fty[j], m.class_counts[j]
@@ -159,13 +162,17 @@ NODE_STEPS: dict[str, Callable[[RecordDict, RecordDict | None], RecordDict]] = {
 # --- the server's side -----------------------------------------------------------------------
 
 def _exchange(grid: Grid, nodes: Sequence[int], content: RecordDict, timeout: float,
-              parse: Callable[[Message], object]) -> tuple[dict[int, object], dict[int, str]]:
+              parse: Callable[[Message], object], sent: dict[int, int]
+              ) -> tuple[dict[int, object], dict[int, str]]:
+    """One step with `nodes`: their parsed replies and errors; adds each reply's array bytes
+    to `sent` (what the node disclosed, for the summary)."""
     messages = [Message(content, dst_node_id=n,
                         message_type=f"{MessageType.QUERY}.{RERANK_ACTION}") for n in nodes]
     ok, errors = reply_outcomes(messages, list(grid.send_and_receive(messages, timeout=timeout)))
     parsed = {}
     for msg in ok:
         node = int(msg.metadata.src_node_id)
+        sent[node] = sent.get(node, 0) + content_nbytes(msg.content)
         try:
             parsed[node] = parse(msg)
         except (ValueError, TypeError, KeyError) as exc:
@@ -237,7 +244,8 @@ def consensus_on_fleet(grid: Grid, candidates: Sequence[Candidate], spec: InputS
     d = next(iter(candidates)).backbone.feature_dim
     log.info("fleet consensus over %d candidate(s) on %d node(s) (%d bytes each)", m,
              len(nodes), content_nbytes(content))
-    moments, errors = _exchange(grid, nodes, content, timeout, _parse_moments((m, d)))
+    sent: dict[int, int] = {}
+    moments, errors = _exchange(grid, nodes, content, timeout, _parse_moments((m, d)), sent)
 
     def alive() -> list[int]:
         return sorted(n for n in moments if n not in errors)
@@ -254,7 +262,7 @@ def consensus_on_fleet(grid: Grid, candidates: Sequence[Candidate], spec: InputS
     step2 = _step_content(CENTROIDS, {"clusters": [k for k, _ in plan],
                                       "seeds": [s for _, s in plan], "min-images": min_images},
                           {"mean": mean, "std": std})
-    local, err2 = _exchange(grid, alive(), step2, timeout, _parse_centroids(plan, m * d))
+    local, err2 = _exchange(grid, alive(), step2, timeout, _parse_centroids(plan, m * d), sent)
     errors.update(err2)
     if not local:
         raise fail("sent centroids")
@@ -264,7 +272,8 @@ def consensus_on_fleet(grid: Grid, candidates: Sequence[Candidate], spec: InputS
     step3 = _step_content(STATISTICS, {"clusters": clusters},
                           {"mean": mean, "std": std,
                            **{f"centroids-{j}": c for j, c in enumerate(centroids)}})
-    stats, err3 = _exchange(grid, alive(), step3, timeout, _parse_statistics(clusters, m, d))
+    stats, err3 = _exchange(grid, alive(), step3, timeout, _parse_statistics(clusters, m, d),
+                            sent)
     errors.update(err3)
     if not stats:
         raise fail("sent LogME statistics")
@@ -274,7 +283,8 @@ def consensus_on_fleet(grid: Grid, candidates: Sequence[Candidate], spec: InputS
         log.warning("node %d left out of the fleet consensus: %s", node, reason)
     result = FleetRerank("consensus", [c.route for c in candidates],
                          [c.routing_score for c in candidates], scores, best,
-                         {n: {"num_examples": stats[n].count} for n in sorted(stats)},
+                         {n: {"num_examples": stats[n].count, "bytes_sent": sent[n]}
+                          for n in sorted(stats)},
                          errors, content_nbytes(content), time.perf_counter() - t0)
     log.info("fleet consensus over %d image(s) on %d node(s), %d clusterings: route %s "
              "(signature route %s)", sum(s.count for s in stats.values()), len(stats),

@@ -14,7 +14,7 @@ from sdr_edge.artifacts.run_dir import load_sdrnet
 from sdr_edge.artifacts.signing import load_public_key
 from sdr_edge.federated.client_app import app
 from sdr_edge.federated.config import FederationConfig, FederationConfigError
-from sdr_edge.federated.consensus_exchange import consensus_on_fleet
+from sdr_edge.federated.consensus_exchange import FEATURES_STATE, consensus_on_fleet
 from sdr_edge.federated.fleet_rerank import (
     Candidate,
     candidates_content,
@@ -201,7 +201,10 @@ def test_fleet_consensus_over_messages_is_the_in_process_protocol(assets, tmp_pa
     tiny = {"data": str(one_class_folder(tmp_path / "one")), "kit-dir": str(assets["kit_dir"])}
     fleet = [*nodes(assets), tiny]
     with server_identity():
-        result = consensus_on_fleet(LocalGrid(app, fleet), cands, spec, 10, timeout=60)
+        grid = LocalGrid(app, fleet)
+        result = consensus_on_fleet(grid, cands, spec, 10, timeout=60)
+    # the features a node kept between the steps leave its run state after the last one
+    assert all(FEATURES_STATE not in c.state for c in grid.contexts.values())
     images = [load_node_data(NodeDataConfig("builtin:digits", i, 2, limit=LIMIT), 16,
                              1).all_images() for i in range(2)]
     images.append(load_node_data(NodeDataConfig(tiny["data"]), 16, 1).all_images())
