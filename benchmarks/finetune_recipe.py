@@ -53,7 +53,7 @@ from sdr_edge.training.finetune import (  # noqa: E402
 )
 
 # The recipes as measured before warm-up became the default (the "new" of runs/finetune_stability
-# and of the README's stability table): FineTuneConfig() at 10 epochs without warm-up.
+# and of docs/claim.md's stability table): FineTuneConfig() at 10 epochs without warm-up.
 NEW = replace(FineTuneConfig(), epochs=10, warmup_fraction=0.0)
 RECIPES: dict[str, FineTuneConfig] = {
     "default": FineTuneConfig(),  # today's defaults (= default-20-epochs)
@@ -250,7 +250,7 @@ def verdict(summary: dict) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    """The README table: one row per task and recipe; probe and fine-tune are means over the
+    """docs/claim.md's table: one row per task and recipe; probe and fine-tune are means over the
     cells every method ran (the fine-tune-seed cells), spreads as in `summarize`."""
     def cell(v: float | None) -> str:
         return "–" if v is None else f"{v:.1f}"

@@ -2,7 +2,7 @@
 
 The signature route is label-free and sees only how similar the nodes' images are to the
 pre-training clusters; on the mixed pool it beats a random sub-net by +0.4 points, while LogME
-on 10 labelled images per class over the top 8 beats it by +1.9 (README, "A few labels on the
+on 10 labelled images per class over the top 8 beats it by +1.9 (docs/claim.md, "A few labels on the
 device"). A fleet holds those labels already: its nodes fine-tune on them. So the server sends
 the top M candidates once (query.rerank), every node extracts their features on its labelled
 training split and replies with one score per candidate (LogME, kNN, the CV probe, or RankMe

@@ -3,7 +3,7 @@
 `transferability.consensus_logme` clusters the M candidates' features side by side on one
 device's images and scores each candidate by LogME against those clusters. A fleet's images are
 split over nodes. Clustering each node's share alone and averaging the nodes' scores kept only
-+0.87 of the pooled device's +1.27 points over a random sub-net (README, *Label-free
++0.87 of the pooled device's +1.27 points over a random sub-net (docs/claim.md, *Label-free
 re-ranking*). This module computes the pooled score instead, in three exchanges:
 
 1. **Standardiser.** Each node sends, per candidate, the count, sum and sum of squares of every

@@ -148,7 +148,7 @@ def probe_cv_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 5,
 
 # The consensus score's clusterings: k-means at each cluster count, with each seed; the score
 # is the mean over them. One clustering is a single k-means draw, and which local optimum it
-# finds moves the pick (README, *Label-free re-ranking*: the same images in another order took
+# finds moves the pick (docs/claim.md, *Label-free re-ranking*: the same images in another order took
 # the held-out gain from +0.86 to +0.42); the mean over 9 draws is steadier.
 CONSENSUS_CLUSTERS = (16, 32, 64)
 CONSENSUS_SEEDS = 3
@@ -197,7 +197,7 @@ def consensus_logme(features: Sequence[np.ndarray],
     as the M of them together; the candidate whose features best predict their common clusters
     is the one that carries the structure the others agree on, not one that is merely spread
     out (what RankMe rewards). Measured in benchmarks/label_budget.py and
-    benchmarks/label_free_scores.py (README, *Label-free re-ranking*)."""
+    benchmarks/label_free_scores.py (docs/claim.md, *Label-free re-ranking*)."""
     counts = [clusters] if isinstance(clusters, int) else list(clusters)
     blocks = [standardised(f) for f in features]
     x = side_by_side(blocks)  # clustered 9 times: built once

@@ -95,7 +95,7 @@ class RoutingConfig(_Section):
     routed K = 16 sub-net's probe accuracy beat K = 256's by +1.7 +- 1.1 points (round 4) and
     by +0.6 +- 1.4 when retrained by today's code (round 5), positive on all six seed pairs.
     At K = 256 the shallow experts see 1/64-1/256 of the pool and its routed sub-net is no
-    better than a random one (README, rounds 4 and 5).
+    better than a random one (docs/claim.md, rounds 4 and 5).
     """
 
     branching: IntTuple = (4, 4)
@@ -104,7 +104,7 @@ class RoutingConfig(_Section):
     """How a level's digit relates to its parent's. "residual": residual k-means, digit b_r
     means one residual direction for every parent, and stage r holds B_r shared experts.
     "tree": hierarchical k-means, b_r splits the parent's cell, and stage r holds one expert
-    per node (B_1 ... B_r). Residual is the default: in round 8 (README; 3 seeds x 6 tasks,
+    per node (B_1 ... B_r). Residual is the default: in round 8 (docs/claim.md; 3 seeds x 6 tasks,
     same teachers) the routed tree sub-net scored 0.6 +- 0.9 points lower over the 18 pairs and
     its route beat random by -0.1, because the signature's per-level marginals mix the children
     of different parents, which mean the same only under residual codes."""
@@ -157,7 +157,7 @@ class ScheduleConfig(_Section):
     level_train: Literal["all", "experts"] = "all"
     # The level phases' peak learning rate as a fraction of [ssl] lr (each phase restarts a
     # cosine from it). Default 2.0: on issue 10's mixed CPU pool (K = 16, 3 seeds, whole task
-    # sets, README round 7) restarting at 2 x beat 1 x by +2.1 +- 2.2 routed probe points on
+    # sets, docs/claim.md round 7) restarting at 2 x beat 1 x by +2.1 +- 2.2 routed probe points on
     # today's-code teachers (+2.2 +- 2.1 on the stored ones; every seed positive), and beat the
     # same schedule without experts (K = 1) by +1.0 +- 2.0; 0.2 x lost 2.9 +- 1.4. The unified
     # model has no level phases, so this does not touch it. configs/imagenet.toml keeps 1.0:

@@ -43,7 +43,7 @@ def test_shipped_configs_load(name, subnets):
 
 def test_the_default_is_the_measured_k16():
     """K = 16 (two deepest stages routed) beat the paper's K = 256 on the mixed CPU pool
-    (README, Round 4); a config without [routing] and [schedule] must still resolve."""
+    (docs/claim.md, Round 4); a config without [routing] and [schedule] must still resolve."""
     cfg = parse_config_text("")
     assert cfg.routing.branching == (4, 4) and cfg.schedule.level_epochs == (4, 4)
     assert cfg.num_subnets == 16 and cfg.resolved_level_stages() == (3, 2)
