@@ -140,15 +140,18 @@ def node_centroids(content: RecordDict, state: RecordDict | None) -> RecordDict:
 
 def node_statistics(content: RecordDict, state: RecordDict | None) -> RecordDict:
     """Step 3 on a node: LogME statistics against the nearest fleet centroids. The last step:
-    the kept features leave the run state here, so the fine-tuning rounds after it do not carry
-    them (N x M x D values; a ResNet-50's 2,048 dimensions make that gigabytes)."""
-    blocks, x = _standardised_features(content, state)
-    clusters = [int(k) for k in content.config_records[CONFIG].get("clusters", [])]
-    stats = _stats(content)
-    labels = [nearest(x, _numpy(stats, f"centroids-{j}")) for j in range(len(clusters))]
-    m = logme_moments(blocks, labels, clusters)
-    if state is not None:
-        del state[FEATURES_STATE]
+    the kept features leave the run state here, whether the step succeeds or fails (a failed
+    node is left out, never asked again), so the fine-tuning rounds after it do not carry them
+    (N x M x D values; a ResNet-50's 2,048 dimensions make that gigabytes)."""
+    try:
+        blocks, x = _standardised_features(content, state)
+        clusters = [int(k) for k in content.config_records[CONFIG].get("clusters", [])]
+        stats = _stats(content)
+        labels = [nearest(x, _numpy(stats, f"centroids-{j}")) for j in range(len(clusters))]
+        m = logme_moments(blocks, labels, clusters)
+    finally:
+        if state is not None and FEATURES_STATE in state.array_records:
+            del state[FEATURES_STATE]
     out = {"gram": m.gram}
     for j in range(len(clusters)):
         out[f"fty-{j}"], out[f"counts-{j}"] = m.fty[j], m.class_counts[j]

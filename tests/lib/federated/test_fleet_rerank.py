@@ -234,3 +234,27 @@ def test_a_consensus_step_before_the_moments_is_refused(assets):
             [Message(content, dst_node_id=node, message_type=f"{MessageType.QUERY}.rerank")],
             timeout=30)))
     assert reply.has_error() and "before the moments step" in reply.error.reason
+
+
+def test_a_failed_last_step_still_drops_the_kept_features():
+    """A node whose step 3 fails is left out and never asked again: its features must leave
+    the run state all the same, not ride along into the fine-tuning rounds."""
+    from flwr.app import RecordDict
+
+    from sdr_edge.federated.consensus_exchange import (
+        STATISTICS,
+        _step_content,
+        node_moments,
+        node_statistics,
+    )
+
+    rng = np.random.default_rng(0)
+    state = RecordDict()
+    node_moments([rng.normal(size=(20, 4)).astype(np.float32)], state)
+    assert FEATURES_STATE in state.array_records
+    # a standardiser of the wrong shape: the step is refused in one line
+    bad = _step_content(STATISTICS, {"clusters": [4]},
+                        {"mean": np.zeros((2, 4)), "std": np.ones((2, 4))})
+    with pytest.raises(ValueError, match="standardiser has shape"):
+        node_statistics(bad, state)
+    assert FEATURES_STATE not in state.array_records
