@@ -19,8 +19,8 @@ The crop's sides come from one of two draws (`AugmentConfig.crop_mode`). "torchv
 default) is RandomResizedCrop's: redraw up to 10 times until the crop fits, then a centre crop.
 "clamped" draws once and clamps each side to the image, as this module did before issue 13; its
 views are larger on average. The default area range is 0.4-1 (SimSiam's 0.2-1 stays in
-configs/imagenet.toml): on the 28-px mixed pool of issue 10 (3 seeds, whole task sets; docs/claim.md,
-round 6) issue 13's rewrite at 0.3-1 had cost the unified model 1.4 probe points and the
+configs/imagenet.toml): on the 28-px mixed pool of issue 10 (3 seeds, whole task sets;
+docs/claim.md, round 6) issue 13's rewrite at 0.3-1 had cost the unified model 1.4 probe points and the
 routed K = 16 sub-net 1.2, most of it the crop (the old clamped crop alone gave the routed
 sub-net back +0.9 +- 0.7). At 0.4-1 torchvision's crop has the clamped one's mean area (0.64):
 it gave +2.4 +- 7.9 (unified, 14 of 18 seed-task pairs up) and +0.5 +- 2.2 (routed) over 0.3-1,

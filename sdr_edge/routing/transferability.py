@@ -148,8 +148,8 @@ def probe_cv_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 5,
 
 # The consensus score's clusterings: k-means at each cluster count, with each seed; the score
 # is the mean over them. One clustering is a single k-means draw, and which local optimum it
-# finds moves the pick (docs/claim.md, *Label-free re-ranking*: the same images in another order took
-# the held-out gain from +0.86 to +0.42); the mean over 9 draws is steadier.
+# finds moves the pick (docs/claim.md, *Label-free re-ranking*: the same images in another
+# order took the held-out gain from +0.86 to +0.42); the mean over 9 draws is steadier.
 CONSENSUS_CLUSTERS = (16, 32, 64)
 CONSENSUS_SEEDS = 3
 

@@ -13,8 +13,8 @@ against probe 85.0 / 88.0 % and old recipe 70.1 +- 1.9 / 75.3 +- 15.3 %.
   (docs/claim.md "Is fine-tuning stable?", 3 models x 6 tasks x 3 seeds). Federated rounds set
   their own local epochs;
 * AdamW with a per-step schedule: linear warm-up over 10 % of *this call's* steps, then cosine
-  decay. Measured on the mixed-pool tasks (docs/claim.md "Is fine-tuning stable?", 5 fine-tune seeds on
-  one model and split): std 1.38 / 0.80 / 0.58 points on cyrillic / tops-4 / greek against
+  decay. Measured on the mixed-pool tasks (docs/claim.md "Is fine-tuning stable?", 5 fine-tune
+  seeds on one model and split): std 1.38 / 0.80 / 0.58 points on cyrillic / tops-4 / greek against
   1.58 / 1.80 / 0.35 without warm-up, means equal or higher (83.8 / 72.3 / 95.6 vs 83.5 / 72.1 /
   95.1). Federated rounds set their own warm-up (the server's round schedule: 30 % of round 1);
 * two parameter groups, head at `lr` and backbone at `lr * backbone_lr_scale` (1.0 measured
